@@ -152,6 +152,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
     """Check `value` against the field type `tp`; ints are accepted where floats are expected."""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool):
         if isinstance(value, bool) and tp is not bool:
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from x2vlm.cli import main
+
+sys.exit(main())

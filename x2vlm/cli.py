@@ -1,0 +1,108 @@
+"""Command line: `x2vlm demo | pretrain | make-shards | evaluate` (also `python -m x2vlm ...`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from x2vlm.config import ConfigError
+
+
+def _pretrain(args) -> int:
+    from x2vlm.config import load_config
+    from x2vlm.train.loop import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    pretrain(cfg, resume=args.resume)
+    return 0
+
+
+def _demo(args) -> int:
+    from x2vlm.demo import run_demo
+
+    run_demo(out=args.out, ranks=args.ranks, overrides=args.overrides, n_train=args.train_images,
+             n_heldout=args.heldout_images, seed=args.seed)
+    return 0
+
+
+def _make_shards(args) -> int:
+    from x2vlm.data.convert import annotations_to_shards, synthetic_to_shards
+
+    if args.synthetic:
+        paths = synthetic_to_shards(args.out, args.split, args.n, args.seed, args.image_size, args.per_shard)
+    else:
+        if not args.annotations:
+            raise ConfigError("make-shards: expected --annotations FILE (or --synthetic)")
+        paths = annotations_to_shards(args.annotations, args.image_root, args.out, args.prefix, args.per_shard)
+    print(f"wrote {len(paths)} shard(s) to {args.out}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from x2vlm.eval.run import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, image_shards=args.images, region_shards=args.regions,
+                                 rerank_k=args.rerank_k)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="x2vlm", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="generate synthetic data, pre-train a tiny model with 2 ranks, evaluate")
+    d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    d.add_argument("--ranks", type=int, default=2, help="processes under the deepspeed launcher (default 2)")
+    d.add_argument("--train-images", type=int, default=6000)
+    d.add_argument("--heldout-images", type=int, default=300)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("overrides", nargs="*", help="config overrides for the tiny preset, e.g. train.steps=200")
+    d.set_defaults(func=_demo)
+
+    t = sub.add_parser("pretrain", help="pre-train (run under deepspeed, torchrun, or as one process)")
+    t.add_argument("--config", required=True, help="preset name (tiny, base, large) or a YAML file")
+    t.add_argument("--resume", default=None, help="'latest' or a checkpoint tag such as step400")
+    t.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.fusion.layers=2")
+    t.set_defaults(func=_pretrain)
+
+    m = sub.add_parser("make-shards", help="write WebDataset shards from annotations or synthetic data")
+    m.add_argument("--out", required=True)
+    m.add_argument("--annotations", help="JSON list or JSONL of {image, caption, regions: [{box, phrase}]}")
+    m.add_argument("--image-root", default=".", help="folder that image paths are relative to")
+    m.add_argument("--prefix", default="data")
+    m.add_argument("--per-shard", type=int, default=1000)
+    m.add_argument("--synthetic", action="store_true", help="write ShapesWorld data instead")
+    m.add_argument("--split", default="train", choices=("train", "heldout"))
+    m.add_argument("--n", type=int, default=1000)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--image-size", type=int, default=64)
+    m.set_defaults(func=_make_shards)
+
+    e = sub.add_parser("evaluate", help="retrieval and grounding of a checkpoint on held-out shards")
+    e.add_argument("--checkpoint", required=True, help="run folder or exported checkpoint folder")
+    e.add_argument("--images", nargs="*", default=[], help="image-text shards for retrieval")
+    e.add_argument("--regions", nargs="*", default=[], help="region shards for grounding")
+    e.add_argument("--rerank-k", type=int, default=16)
+    e.add_argument("--out", default=None, help="write the results JSON here too")
+    e.set_defaults(func=_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"x2vlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Evaluate an exported checkpoint on held-out shards: retrieval over an image-text pool and grounding."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from x2vlm.data.pipeline import iterate_samples
+from x2vlm.data.shards import expand_shards
+from x2vlm.data.transforms import eval_transform
+from x2vlm.eval.grounding import evaluate_grounding
+from x2vlm.eval.retrieval import evaluate_retrieval
+from x2vlm.train.checkpoint import WEIGHTS, find_export, load_pretrained
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def make_tokenize(tokenizer, max_len: int):
+    def tokenize(texts):
+        enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+    return tokenize
+
+
+def load_pool(shards, image_size: int):
+    """Images and captions of image-text shards, one caption per image, in shard order."""
+    images, captions = [], []
+    for s in iterate_samples(expand_shards(shards)):
+        img, _ = eval_transform(s["image"], [], image_size)
+        images.append(img)
+        captions.append(s["json"]["caption"])
+    return torch.stack(images), captions
+
+
+def load_grounding(shards, image_size: int, min_shapes: int = 2):
+    """(image, [(phrase, box)]) for images with at least `min_shapes` regions; boxes in output pixels."""
+    out = []
+    for s in iterate_samples(expand_shards(shards)):
+        regions = s["json"].get("regions") or []
+        if len(regions) < min_shapes:
+            continue
+        img, boxes = eval_transform(s["image"], [r["box"] for r in regions], image_size)
+        out.append((img, [(r["phrase"], list(map(float, b))) for r, b in zip(regions, boxes)]))
+    return out
+
+
+@torch.no_grad()
+def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rerank_k: int = 16) -> dict:
+    folder = find_export(checkpoint)
+    model, tokenizer, cfg = load_pretrained(folder)
+    size = cfg.model.vision.image_size
+    tokenize = make_tokenize(tokenizer, cfg.model.text.max_len)
+    result = {"checkpoint": str(folder), "checkpoint_sha256": file_sha256(folder / WEIGHTS), "image_size": size}
+    if image_shards:
+        images, captions = load_pool(image_shards, size)
+        ids, atts = tokenize(captions)
+        result["image_retrieval"] = evaluate_retrieval(model, images, ids, atts, rerank_k=rerank_k)
+    if region_shards:
+        result["grounding"] = evaluate_grounding(model, load_grounding(region_shards, size), tokenize, size)
+    return result

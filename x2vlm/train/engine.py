@@ -1,0 +1,99 @@
+"""The DeepSpeed engine: a JSON file from ds_configs/ made to agree with the run configuration."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from x2vlm.config import ConfigError, RunConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+log = logging.getLogger(__name__)
+
+
+def ds_config_path(name: str) -> Path:
+    p = Path(name)
+    if p.exists():
+        return p
+    q = DS_CONFIG_DIR / name
+    if q.exists():
+        return q
+    known = ", ".join(sorted(x.name for x in DS_CONFIG_DIR.glob("*.json")))
+    raise ConfigError(f"train.ds_config: file not found: {name} (expected a path or one of: {known})")
+
+
+def bf16_supported() -> bool:
+    """bf16 that is fast on this hardware: a bf16-capable GPU, or a CPU with AVX512-BF16 or AMX."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(ds: dict, requested: str) -> str:
+    """The precision a run uses. `auto` keeps the file's choice unless the hardware cannot run it well."""
+    file_prec = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") \
+        else "fp32"
+    prec = file_prec if requested == "auto" else requested
+    if prec == "fp16" and not torch.cuda.is_available():
+        if requested == "fp16":
+            raise ConfigError("train.precision: fp16 needs a GPU (DeepSpeed refuses fp16 on CPU); use bf16 or fp32")
+        prec = "fp32"
+    if prec == "bf16" and requested == "auto" and not bf16_supported():
+        prec = "fp32"
+    return prec
+
+
+def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
+    """Load the JSON named by train.ds_config; fill its "auto" entries from the run configuration and refuse
+    values that disagree with it. One micro-batch is one step's images over all sources, per rank."""
+    path = ds_config_path(cfg.train.ds_config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.ds_config: {path} is not valid JSON: {e}") from None
+    ds = copy.deepcopy(ds)
+    micro = sum(s.batch_size for s in cfg.data.sources) or 1
+    wanted = {
+        "train_micro_batch_size_per_gpu": (micro, "the sum of data.sources.batch_size"),
+        "gradient_accumulation_steps": (cfg.train.grad_accum, "train.grad_accum"),
+        "gradient_clipping": (cfg.train.grad_clip, "train.grad_clip"),
+    }
+    for key, (value, source) in wanted.items():
+        have = ds.get(key, "auto")
+        if have == "auto":
+            ds[key] = value
+        elif have != value:
+            raise ConfigError(f"train.ds_config: {key} is {have} in {path.name} but {source} gives {value}; "
+                              f"make them agree or set it to \"auto\" in the JSON")
+    if "train_batch_size" in ds and ds["train_batch_size"] not in ("auto", micro * cfg.train.grad_accum * world_size):
+        raise ConfigError(f"train.ds_config: train_batch_size {ds['train_batch_size']} in {path.name} disagrees "
+                          f"with {micro} x grad_accum {cfg.train.grad_accum} x {world_size} ranks")
+    ds.pop("train_batch_size", None)
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"train.ds_config: remove \"{key}\" from {path.name}; the optimiser and schedule "
+                              f"come from the train section of the run configuration")
+    prec = resolve_precision(ds, cfg.train.precision)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": prec == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": prec == "fp16"}
+    ds["zero_allow_untested_optimizer"] = True
+    return ds
+
+
+def precision_of(ds: dict) -> str:
+    return "bf16" if ds["bf16"]["enabled"] else "fp16" if ds["fp16"]["enabled"] else "fp32"
+
+
+def build_engine(model, optimizer, scheduler, ds: dict):
+    import deepspeed
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                          lr_scheduler=scheduler, config=ds)
+    return engine
