@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from x2vlm.config import ConfigError
@@ -34,7 +33,11 @@ def _make_shards(args) -> int:
     else:
         if not args.annotations:
             raise ConfigError("make-shards: expected --annotations FILE (or --synthetic)")
-        paths = annotations_to_shards(args.annotations, args.image_root, args.out, args.prefix, args.per_shard)
+        try:
+            paths = annotations_to_shards(args.annotations, args.image_root, args.out, args.prefix, args.per_shard)
+        except (ValueError, json.JSONDecodeError) as e:
+            print(f"x2vlm make-shards: error: {e}", file=sys.stderr)
+            return 1
     print(f"wrote {len(paths)} shard(s) to {args.out}")
     return 0
 

@@ -73,7 +73,22 @@ def resume(engine, cfg: RunConfig, which: str) -> int:
     path, state = engine.load_checkpoint(str(root), tag=tag)
     if path is None:
         raise FileNotFoundError(f"--resume {which}: nothing loaded from {root}")
+    verify_loaded(engine, Path(path))
     return int(state["step"])
+
+
+def verify_loaded(engine, folder: Path) -> None:
+    """The weights now in the engine must equal the export written with the checkpoint, bit for bit."""
+    from safetensors.torch import load_file
+
+    current = full_state_dict(engine)
+    if current is None or not (folder / WEIGHTS).exists():
+        return
+    saved = load_file(str(folder / WEIGHTS))
+    differ = [k for k, v in saved.items() if k not in current or not torch.equal(current[k], v)]
+    if differ or set(current) != set(saved):
+        raise RuntimeError(f"resumed weights differ from {folder / WEIGHTS}: {differ[:5]}")
+    print(f"[x2vlm] resumed from {folder.name}: {len(saved)} tensors equal to the saved export", flush=True)
 
 
 def find_export(path: str | Path) -> Path:
