@@ -67,13 +67,16 @@ def save(engine, cfg: RunConfig, step: int, extra: dict | None = None) -> Path:
 def resume(engine, cfg: RunConfig, which: str) -> int:
     """Load `latest` or a named tag into the engine; returns the step to continue from."""
     root = checkpoint_dir(cfg)
-    tag = None if which == "latest" else which
-    if not (root / "latest").exists() and tag is None:
-        raise FileNotFoundError(f"--resume latest: no checkpoint under {root}")
-    path, state = engine.load_checkpoint(str(root), tag=tag)
+    if which == "latest":
+        if not (root / "latest").exists():
+            raise FileNotFoundError(f"--resume latest: no checkpoint under {root}")
+        which = (root / "latest").read_text().strip()
+    if not (root / which).is_dir():
+        raise FileNotFoundError(f"--resume {which}: no checkpoint {root / which}")
+    path, state = engine.load_checkpoint(str(root), tag=which)
     if path is None:
-        raise FileNotFoundError(f"--resume {which}: nothing loaded from {root}")
-    verify_loaded(engine, Path(path))
+        raise FileNotFoundError(f"--resume {which}: nothing loaded from {root / which}")
+    verify_loaded(engine, root / which)
     return int(state["step"])
 
 
@@ -82,7 +85,10 @@ def verify_loaded(engine, folder: Path) -> None:
     from safetensors.torch import load_file
 
     current = full_state_dict(engine)
-    if current is None or not (folder / WEIGHTS).exists():
+    if current is None:
+        return
+    if not (folder / WEIGHTS).exists():
+        print(f"[x2vlm] resumed from {folder.name} (no {WEIGHTS} beside it to check the weights against)")
         return
     saved = load_file(str(folder / WEIGHTS))
     differ = [k for k, v in saved.items() if k not in current or not torch.equal(current[k], v)]

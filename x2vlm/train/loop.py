@@ -124,7 +124,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> dict:
     monitor = SkipMonitor(cfg.data.max_skip_fraction)
     engine.train()
     last: dict = {}
-    t_last, n_images, wait = time.perf_counter(), 0, 0.0
+    t_last, n_images, wait, window_start = time.perf_counter(), 0, 0.0, start
     for step in range(start, cfg.train.steps):
         sums: dict[str, float] = {}
         for _ in range(cfg.train.grad_accum):
@@ -138,10 +138,10 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> dict:
                 losses = engine(to_device(batch, engine.device, dtype))
                 total = total + weights[name] * losses["loss"]
                 for k, v in losses.items():
-                    sums[f"{name}/{k}"] = sums.get(f"{name}/{k}", 0.0) + float(v) / cfg.train.grad_accum
+                    sums[f"{name}/{k}"] = sums.get(f"{name}/{k}", 0.0) + float(v.detach()) / cfg.train.grad_accum
             engine.backward(total)
             engine.step()
-            sums["loss"] = sums.get("loss", 0.0) + float(total) / cfg.train.grad_accum
+            sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) / cfg.train.grad_accum
         done = step + 1
         if done % cfg.train.log_every == 0 or done == cfg.train.steps or done == start + 1:
             totals = monitor.totals()
@@ -149,12 +149,12 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> dict:
             now = time.perf_counter()
             grad_norm = engine.get_global_grad_norm()
             last = {**sums, **totals, "lr": sched.get_last_lr()[0],
-                    "temp": float(engine.module.temperature()),
+                    "temp": float(engine.module.temperature().detach()),
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "samples_per_s": n_images * world / max(1e-9, now - t_last),
-                    "data_wait_s": wait / max(1, sum(1 for _ in iters)),
+                    "data_wait_s_per_step": wait / max(1, done - window_start),
                     "data_wait_frac": wait / max(1e-9, now - t_last)}
-            t_last, n_images, wait = now, 0, 0.0
+            t_last, n_images, wait, window_start = now, 0, 0.0, done
             if metrics:
                 metrics.log(done, last)
         if done % cfg.train.save_every == 0 or done == cfg.train.steps:
