@@ -1,1 +1,2 @@
-"""Data: the ShapesWorld generator, WebDataset shards, box-aware transforms, tokenizers, MLM masking, loaders."""
+"""Data: the ShapesWorld generator (shapesworld), WebDataset shards (shards), box-aware transforms (transforms),
+tokenizers (tokenizer), MLM masking (masking) and per-source loaders (pipeline)."""

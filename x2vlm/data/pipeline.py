@@ -1,83 +1,91 @@
-"""From shards to training batches, one DataLoader per source. Batches are built inside the workers.
+"""From shards to batches: one DataLoader per source, batches built (augmented, tokenised, masked) in the workers.
 
-Batch format (what the model reads):
-    images [N, 3, H, W] float; text_ids, text_atts, mlm_ids, mlm_labels [M, L] long (labels -100 = not masked);
-    image_idx [M] (text -> image); boxes [M, 4] pixel (x, y, w, h) in the augmented image, (0, 0, W, H) for
-    whole-image texts; is_region [M] bool; skipped {kind: count}; keys [N].
-An image source gives one caption per image (M == N). A region source gives per image its caption plus up to
-max_texts - 1 region phrases, texts of one image next to each other.
+Batch format (the model's contract):
+    images [N, 3, H, W] float; text_ids, text_atts, mlm_ids, mlm_labels [M, L] long (mlm_labels -100 where not
+    masked); image_idx [M] long (text -> image); boxes [M, 4] float pixel (x, y, w, h) in the augmented image,
+    (0, 0, W, H) for whole-image captions; is_region [M] bool; skipped {kind: count} (bad input skipped since
+    the previous batch of this worker); keys [N].
+An "image" source gives one caption per image (M == N). A "region" source gives per image its caption and up to
+max_texts - 1 randomly chosen region phrases, the texts of one image next to each other. batch_size counts
+images. Training loaders repeat their shards forever; evaluation loaders read them once.
 """
 from __future__ import annotations
 
-import random
+import os
+import warnings
 
+import numpy as np
 import torch
 
 from x2vlm.config import DataConfig, LossConfig, SourceConfig
-from x2vlm.data.masking import mask_tokens
-from x2vlm.data.shards import ShardStream, clean_regions, expand_shards
+from x2vlm.data.masking import mask_batch
+from x2vlm.data.shards import ShardStream, expand_shards
 from x2vlm.data.transforms import eval_transform, train_transform
 
 
+def add_counts(total: dict, counts) -> None:
+    for kind, n in (counts or {}).items():
+        total[kind] = total.get(kind, 0) + int(n)
+
+
 class Batcher:
-    """Turns decoded samples into the batch format above (tokenising and masking included)."""
+    """Decoded samples -> one batch in the format above."""
 
     def __init__(self, kind: str, tokenizer, image_size: int, max_len: int, loss_cfg: LossConfig,
-                 data_cfg: DataConfig, max_texts: int, train: bool = True):
-        self.kind, self.tok, self.size, self.max_len = kind, tokenizer, image_size, max_len
-        self.loss_cfg, self.data_cfg, self.max_texts, self.train = loss_cfg, data_cfg, max_texts, train
-        self.special = [i for i in (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
-                                    tokenizer.mask_token_id, tokenizer.unk_token_id) if i is not None]
+                 max_texts: int = 5, train: bool = True, scale_min: float = 0.5, hflip: bool = True):
+        if kind not in ("image", "region"):
+            raise ValueError(f"source kind: expected 'image' or 'region', got {kind!r}")
+        self.kind, self.tok, self.size, self.max_len, self.loss_cfg = kind, tokenizer, image_size, max_len, loss_cfg
+        self.max_texts, self.train, self.scale_min, self.hflip = max_texts, train, scale_min, hflip
 
-    def sample_texts(self, sample: dict, rng: random.Random, skipped: dict):
-        """[(text, box or None, is_region)] and the image tensor, after augmentation."""
-        image, meta = sample["image"], sample["json"]
-        regions = []
-        if self.kind == "region":
-            regions, dropped = clean_regions(meta, *image.size)
-            if dropped:
-                skipped["bad_box"] = skipped.get("bad_box", 0) + dropped
-            regions = rng.sample(regions, min(len(regions), self.max_texts - 1))
-        texts = [meta["caption"].strip()] + [r["phrase"] for r in regions]
+    def texts_of(self, sample: dict, rng: np.random.Generator):
+        """(image tensor, [(text, box, is_region)]) of one sample, after augmentation."""
+        meta = sample["json"]
+        regions = (meta.get("regions") or []) if self.kind == "region" else []
         boxes = [r["box"] for r in regions]
         if self.train:
-            keep = rng.randrange(len(boxes)) if boxes else None
-            tensor, boxes = train_transform(image, boxes, texts, self.size, self.data_cfg.crop_scale_min,
-                                            self.data_cfg.hflip, rng, keep)
+            texts = [meta["caption"]] + [r["phrase"] for r in regions]
+            anchor = int(rng.integers(len(regions))) if regions else None
+            tensor, boxes, kept = train_transform(sample["image"], boxes, texts, self.size, rng, self.scale_min,
+                                                  self.hflip, anchor)
+            order = rng.permutation(len(kept))[:self.max_texts - 1].tolist()
         else:
-            tensor, boxes = eval_transform(image, boxes, self.size)
-        full = [0.0, 0.0, float(self.size), float(self.size)]
-        out = [(texts[0], full, False)]
-        out += [(t, b, True) for t, b in zip(texts[1:], boxes) if b is not None]
-        return tensor, out
+            tensor, boxes = eval_transform(sample["image"], boxes, self.size)
+            kept, order = list(range(len(regions))), list(range(min(len(regions), self.max_texts - 1)))
+        whole = [0.0, 0.0, float(self.size), float(self.size)]
+        items = [(meta["caption"], whole, False)]
+        items += [(regions[kept[j]]["phrase"], boxes[j], True) for j in order]
+        return tensor, items
 
-    def __call__(self, samples: list, rng: random.Random, gen: torch.Generator) -> dict:
-        skipped: dict = {}
+    def __call__(self, samples: list, skipped: dict, rng: np.random.Generator, gen: torch.Generator) -> dict:
         images, texts, boxes, is_region, image_idx = [], [], [], [], []
-        for s in samples:
-            for kind, n in (s.get("_skipped") or {}).items():
-                skipped[kind] = skipped.get(kind, 0) + n
-            tensor, items = self.sample_texts(s, rng, skipped)
+        for n, s in enumerate(samples):
+            tensor, items = self.texts_of(s, rng)
+            images.append(tensor)
             for text, box, region in items:
                 texts.append(text)
                 boxes.append(box)
                 is_region.append(region)
-                image_idx.append(len(images))
-            images.append(tensor)
+                image_idx.append(n)
         enc = self.tok(texts, padding="longest", truncation=True, max_length=self.max_len, return_tensors="pt")
-        ids, atts = enc["input_ids"], enc["attention_mask"]
-        word_ids = [enc.word_ids(i) for i in range(len(texts))]
-        mlm_ids, mlm_labels = mask_tokens(ids, word_ids, self.special, self.tok.mask_token_id, len(self.tok),
-                                          self.loss_cfg.mlm_prob, self.loss_cfg.max_masks,
-                                          self.loss_cfg.span_prob, gen)
-        return {"images": torch.stack(images), "text_ids": ids, "text_atts": atts, "mlm_ids": mlm_ids,
-                "mlm_labels": mlm_labels, "image_idx": torch.tensor(image_idx),
-                "boxes": torch.tensor(boxes, dtype=torch.float32), "is_region": torch.tensor(is_region),
-                "skipped": skipped, "keys": [s["key"] for s in samples]}
+        lc = self.loss_cfg
+        mlm_ids, mlm_labels = mask_batch(self.tok, enc, lc.mlm_prob, lc.max_masks, lc.span_prob, gen)
+        return {
+            "images": torch.stack(images),
+            "text_ids": enc["input_ids"].long(),
+            "text_atts": enc["attention_mask"].long(),
+            "mlm_ids": mlm_ids.long(),
+            "mlm_labels": mlm_labels.long(),
+            "image_idx": torch.tensor(image_idx, dtype=torch.long),
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "is_region": torch.tensor(is_region, dtype=torch.bool),
+            "skipped": dict(skipped),
+            "keys": [s["key"] for s in samples],
+        }
 
 
 class SourceBatches(torch.utils.data.IterableDataset):
-    """Batches of one source, endlessly (training) or for one pass."""
+    """Batches of one source from a ShardStream; the last partial batch of a finite pass is kept."""
 
     def __init__(self, stream: ShardStream, batcher: Batcher, batch_size: int, seed: int):
         self.stream, self.batcher, self.batch_size, self.seed = stream, batcher, batch_size, seed
@@ -85,47 +93,56 @@ class SourceBatches(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info else 0
-        s = self.seed * 7919 + self.stream.rank * 104729 + worker
-        rng, gen = random.Random(s), torch.Generator().manual_seed(s)
-        chunk = []
-        for sample in self.stream:
-            chunk.append(sample)
+        rng = np.random.default_rng([self.seed, self.stream.rank, worker])
+        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        chunk, skipped = [], {}
+        for item in self.stream:
+            add_counts(skipped, item.pop("_skipped", None))
+            if "key" not in item:
+                continue
+            chunk.append(item)
             if len(chunk) == self.batch_size:
-                yield self.batcher(chunk, rng, gen)
-                chunk = []
+                yield self.batcher(chunk, skipped, rng, gen)
+                chunk, skipped = [], {}
         if chunk:
-            yield self.batcher(chunk, rng, gen)
+            yield self.batcher(chunk, skipped, rng, gen)
+        elif skipped:
+            warnings.warn(f"bad samples at the end of the shards, after the last batch: {skipped}")
 
 
 def build_loader(source: SourceConfig, data_cfg: DataConfig, tokenizer, image_size: int, max_len: int,
                  loss_cfg: LossConfig, seed: int, train: bool = True, rank: int | None = None,
-                 world_size: int | None = None):
+                 world_size: int | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader of batches of one source: endless and augmented when `train`, one plain pass otherwise."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenise; no threads inside them
+    workers = data_cfg.num_workers
     stream = ShardStream(source.shards, seed=seed, infinite=train, shuffle=train, rank=rank,
-                         world_size=world_size, num_workers=data_cfg.num_workers)
-    batcher = Batcher(source.kind, tokenizer, image_size, max_len, loss_cfg, data_cfg, source.max_texts, train)
-    ds = SourceBatches(stream, batcher, source.batch_size, seed)
-    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=data_cfg.num_workers,
-                                       persistent_workers=data_cfg.num_workers > 0,
-                                       prefetch_factor=4 if data_cfg.num_workers > 0 else None)
+                         world_size=world_size, num_workers=workers)
+    batcher = Batcher(source.kind, tokenizer, image_size, max_len, loss_cfg, source.max_texts, train,
+                      data_cfg.crop_scale_min, data_cfg.hflip)
+    return torch.utils.data.DataLoader(SourceBatches(stream, batcher, source.batch_size, seed), batch_size=None,
+                                       num_workers=workers, persistent_workers=workers > 0,
+                                       pin_memory=torch.cuda.is_available())
 
 
 def build_loaders(data_cfg: DataConfig, tokenizer, image_size: int, max_len: int, loss_cfg: LossConfig,
-                  seed: int, rank: int | None = None, world_size: int | None = None) -> dict:
-    """One endless loader per source, by source name."""
-    return {s.name: build_loader(s, data_cfg, tokenizer, image_size, max_len, loss_cfg, seed, True, rank,
-                                 world_size) for s in data_cfg.sources}
+                  seed: int, train: bool = True, rank: int | None = None, world_size: int | None = None) -> dict:
+    """One loader per source, by source name. All ranks must pass the same seed (it orders the shards)."""
+    return {s.name: build_loader(s, data_cfg, tokenizer, image_size, max_len, loss_cfg, seed + 100003 * i, train,
+                                 rank, world_size)
+            for i, s in enumerate(data_cfg.sources)}
 
 
-def iterate_samples(shards):
-    """Decoded samples of the shards in order, one pass, one process (for evaluation). Bad samples are
-    skipped and reported on standard error."""
-    import sys
-
+def iterate_samples(shards, skipped: dict | None = None):
+    """Decoded samples {"key", "image": PIL RGB, "json": dict} of the shards in order: one pass, one process, no
+    augmentation. Bad input is skipped, added to `skipped` when given, and reported in a warning."""
     stream = ShardStream(expand_shards(shards), infinite=False, shuffle=False, rank=0, world_size=1)
-    skipped: dict = {}
-    for s in stream:
-        for kind, n in s.pop("_skipped", {}).items():
-            skipped[kind] = skipped.get(kind, 0) + n
-        yield s
-    if skipped:
-        print(f"[data] skipped while reading {len(stream.shards)} shard(s): {skipped}", file=sys.stderr)
+    counts: dict = {}
+    for item in stream:
+        add_counts(counts, item.pop("_skipped", None))
+        if "key" in item:
+            yield item
+    if skipped is not None:
+        add_counts(skipped, counts)
+    if counts:
+        warnings.warn(f"skipped while reading {len(stream.shards)} shard(s): {counts}")

@@ -1,10 +1,11 @@
-"""ShapesWorld: a synthetic image-text-region data set that a tiny model can learn on a CPU in minutes.
+"""ShapesWorld: synthetic images of coloured shapes with captions and grounded region phrases.
 
-Each image shows 1-4 non-overlapping shapes (circle, square, triangle, diamond) in clearly different colours
-on a dark, noisy, randomly tinted background. The caption names every shape with its colour and position; each
-shape is also a region with its box (x, y, w, h in pixels) and a short phrase. A few colour-shape pairs never
-appear in the training split; the held-out split draws from all pairs and marks images that show one.
-Deterministic by seed.
+    samples = generate("train", 1000, seed=0)       # list of dicts, deterministic by (split, seed, index)
+    texts = corpus(samples)                          # captions and phrases, for training a tokenizer
+
+Each image holds 1-4 non-overlapping shapes; no two share both colour and shape. A few (colour, shape) pairs
+are held out: the "train" split never shows them, the "heldout" split draws from all pairs and marks a sample
+`unseen` when it shows a held-out pair. Boxes are [x, y, w, h] in pixels.
 """
 from __future__ import annotations
 
@@ -12,117 +13,162 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "yellow": (235, 215, 50),
-    "purple": (160, 70, 210), "orange": (245, 140, 30), "white": (240, 240, 240),
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 100, 240),
+    "yellow": (240, 220, 40),
+    "purple": (160, 60, 210),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
 }
-SHAPES = ("circle", "square", "triangle", "diamond")
-HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("blue", "circle"), ("yellow", "square"), ("white", "diamond")})
-ALL_PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
-TRAIN_PAIRS = [p for p in ALL_PAIRS if p not in HELD_OUT_PAIRS]
+SHAPES = ("circle", "square", "triangle", "cross", "diamond")
+HELDOUT_PAIRS = frozenset({("red", "triangle"), ("blue", "circle"), ("yellow", "square"), ("purple", "diamond")})
+ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
+TRAIN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELDOUT_PAIRS)
+SPLITS = {"train": 1, "heldout": 2}
+NUMBERS = {2: "two", 3: "three", 4: "four"}
 
 
-def position_words(cx: float, cy: float, size: int) -> str:
-    """'top left', 'bottom', 'center', ... from a shape's centre."""
-    h = "left" if cx < 0.38 * size else "right" if cx > 0.62 * size else ""
-    v = "top" if cy < 0.38 * size else "bottom" if cy > 0.62 * size else ""
-    return f"{v} {h}".strip() or "center"
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A dark or grey colour with a mild linear gradient and noise, far from every shape colour."""
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    while True:
+        base = rng.uniform(15, 115, size=3) if rng.random() < 0.7 else np.full(3, rng.uniform(40, 120))
+        if np.min(np.linalg.norm(palette - base, axis=1)) > 110:
+            break
+    ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    grad = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]
+    img = base[None, None, :] + rng.uniform(5, 20) * grad[:, :, None]
+    img += rng.normal(0, 4, size=(size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box, colour) -> None:
     x, y, w, h = box
+    x1, y1 = x + w - 1, y + h - 1
+    cx, cy = x + (w - 1) / 2, y + (h - 1) / 2
     if shape == "circle":
-        draw.ellipse([x, y, x + w - 1, y + h - 1], fill=colour)
+        draw.ellipse([x, y, x1, y1], fill=colour)
     elif shape == "square":
-        draw.rectangle([x, y, x + w - 1, y + h - 1], fill=colour)
+        draw.rectangle([x, y, x1, y1], fill=colour)
     elif shape == "triangle":
-        draw.polygon([(x + w / 2, y), (x + w - 1, y + h - 1), (x, y + h - 1)], fill=colour)
-    else:  # diamond
-        draw.polygon([(x + w / 2, y), (x + w - 1, y + h / 2), (x + w / 2, y + h - 1), (x, y + h / 2)], fill=colour)
+        draw.polygon([(cx, y), (x1, y1), (x, y1)], fill=colour)
+    elif shape == "diamond":
+        draw.polygon([(cx, y), (x1, cy), (cx, y1), (x, cy)], fill=colour)
+    elif shape == "cross":
+        t = w / 6
+        draw.rectangle([cx - t, y, cx + t, y1], fill=colour)
+        draw.rectangle([x, cy - t, x1, cy + t], fill=colour)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    base = rng.uniform(0, 80, size=3)
-    tilt = rng.uniform(-25, 25, size=(2, 3))
-    ramp = np.linspace(-0.5, 0.5, size)
-    img = base + ramp[:, None, None] * tilt[0] + ramp[None, :, None] * tilt[1]
-    img = img + rng.normal(0, 6, size=(size, size, 3))
-    return np.clip(img, 0, 100).astype(np.uint8)
-
-
-def _place(rng: np.random.Generator, n: int, size: int):
-    """n non-overlapping square boxes (with a 2 px gap), or fewer if the canvas is too crowded."""
-    boxes = []
-    for _ in range(200):
-        if len(boxes) == n:
-            break
-        s = int(rng.integers(round(0.22 * size), round(0.38 * size) + 1))
-        x, y = (int(v) for v in rng.integers(0, size - s + 1, size=2))
-        if all(x + s + 2 <= bx or bx + bw + 2 <= x or y + s + 2 <= by or by + bh + 2 <= y
-               for bx, by, bw, bh in boxes):
-            boxes.append((x, y, s, s))
+def _place(rng: np.random.Generator, n: int, size: int) -> list:
+    """Up to n non-overlapping square boxes (1 px apart) with sides of about 14-26 px on a 64 px canvas."""
+    lo, hi = max(3, round(14 * size / 64)), max(4, round(26 * size / 64))
+    boxes: list = []
+    for _ in range(n):
+        for attempt in range(200):
+            s = int(rng.integers(lo, max(lo, hi - attempt // 40) + 1))
+            x, y = int(rng.integers(0, size - s + 1)), int(rng.integers(0, size - s + 1))
+            if all(x + s + 1 <= bx or bx + bs + 1 <= x or y + s + 1 <= by or by + bs + 1 <= y
+                   for bx, by, bs, _ in boxes):
+                boxes.append((x, y, s, s))
+                break
     return boxes
 
 
-def _a(colour: str) -> str:
-    return "an" if colour[0] in "aeiou" else "a"
+def _where(box, size: int) -> str:
+    """Position words for a box: "on the left", "at the top right", "in the center", ..."""
+    x, y, w, h = box
+    cx, cy = (x + w / 2) / size, (y + h / 2) / size
+    horiz = "left" if cx < 0.4 else "right" if cx > 0.6 else ""
+    vert = "top" if cy < 0.4 else "bottom" if cy > 0.6 else ""
+    if horiz and vert:
+        return f"at the {vert} {horiz}"
+    if horiz:
+        return f"on the {horiz}"
+    if vert:
+        return f"at the {vert}"
+    return "in the center"
 
 
-def _caption(rng: np.random.Generator, parts: list) -> str:
-    """Every shape with its colour and position; for two or more, one pairwise relation up front."""
-    descr = [f"{_a(c)} {c} {s} at the {p}" if p != "center" else f"{_a(c)} {c} {s} in the center"
-             for c, s, p, _ in parts]
-    if len(parts) >= 2 and rng.random() < 0.5:
-        (c1, s1, _, b1), (c2, s2, _, b2) = parts[0], parts[1]
-        dx = (b2[0] + b2[2] / 2) - (b1[0] + b1[2] / 2)
-        dy = (b2[1] + b2[3] / 2) - (b1[1] + b1[3] / 2)
-        rel = ("left of" if dx > 0 else "right of") if abs(dx) >= abs(dy) else ("above" if dy > 0 else "below")
-        rest = descr[2:]
-        text = f"{_a(c1)} {c1} {s1} {rel} {_a(c2)} {c2} {s2}"
-        return text + (", and " + ", ".join(rest) if rest else "")
-    lead = ["", "there is ", "an image with "][int(rng.integers(3))]
-    if len(descr) == 1:
-        return lead + descr[0]
-    return lead + ", ".join(descr[:-1]) + " and " + descr[-1]
+def _relation(a, b) -> str:
+    """How box a lies relative to box b: "left of", "right of", "above" or "below"."""
+    dx = (a[0] + a[2] / 2) - (b[0] + b[2] / 2)
+    dy = (a[1] + a[3] / 2) - (b[1] + b[3] / 2)
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
 
 
-def _phrase(rng: np.random.Generator, colour: str, shape: str, pos: str) -> str:
-    k = int(rng.integers(3))
-    if k == 0:
-        return f"the {colour} {shape}"
-    if k == 1:
-        return f"{colour} {shape}"
-    return f"the {colour} {shape} in the {pos}" if pos == "center" else f"the {colour} {shape} at the {pos}"
+def _join(parts: list) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def make_sample(rng: np.random.Generator, pairs: list, size: int, key: str) -> dict:
-    n = int(rng.integers(1, 5))
-    boxes = _place(rng, n, size)
+def _caption(rng: np.random.Generator, objs: list, size: int) -> str:
+    """One of a few templates; every template names every shape with its colour."""
+    names = [f"{c} {s}" for c, s, _ in objs]
+    placed = [f"{_article(n)} {n} {_where(b, size)}" for n, (_, _, b) in zip(names, objs)]
+    t = int(rng.integers(0, 4))
+    if len(objs) == 1:
+        return [placed[0], f"there is {placed[0]}", f"a single {names[0]} {_where(objs[0][2], size)}",
+                f"{placed[0]} on a plain background"][t]
+    if t == 0:
+        return _join(placed)
+    if t == 1:
+        rel = f"{_article(names[0])} {names[0]} {_relation(objs[0][2], objs[1][2])} {_article(names[1])} {names[1]}"
+        return _join([rel] + placed[2:])
+    if t == 2:
+        return f"{NUMBERS[len(objs)]} shapes: " + _join(placed)
+    rel = f"{_article(names[1])} {names[1]} {_relation(objs[1][2], objs[0][2])} {_article(names[0])} {names[0]}"
+    return rel + (", with " + _join(placed[2:]) if len(objs) > 2 else "")
+
+
+def _phrase(rng: np.random.Generator, colour: str, shape: str, box, size: int) -> str:
+    t = int(rng.integers(0, 3))
+    return [f"the {colour} {shape}", f"the {colour} {shape} {_where(box, size)}", f"{colour} {shape}"][t]
+
+
+def make_sample(split: str, seed: int, index: int, image_size: int = 64) -> dict:
+    """The sample at `index` of a split; depends only on (split, seed, index, image_size)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (expected one of: {', '.join(SPLITS)})")
+    rng = np.random.default_rng([seed, SPLITS[split], index])
+    pairs = TRAIN_PAIRS if split == "train" else ALL_PAIRS
+    boxes = _place(rng, int(rng.integers(1, 5)), image_size)
     chosen = rng.choice(len(pairs), size=len(boxes), replace=False)
-    img = Image.fromarray(_background(rng, size))
-    draw = ImageDraw.Draw(img)
-    parts = []
-    for idx, box in zip(chosen, boxes):
-        colour, shape = pairs[int(idx)]
+    objs = [(pairs[i][0], pairs[i][1], b) for i, b in zip(chosen, boxes)]
+    canvas = Image.fromarray(_background(rng, image_size))
+    draw = ImageDraw.Draw(canvas)
+    for colour, shape, box in objs:
         _draw(draw, shape, box, COLOURS[colour])
-        parts.append((colour, shape, position_words(box[0] + box[2] / 2, box[1] + box[3] / 2, size), box))
-    regions = [{"box": [float(v) for v in b], "phrase": _phrase(rng, c, s, p)} for c, s, p, b in parts]
-    return {"key": key, "image": img, "caption": _caption(rng, parts), "regions": regions,
-            "unseen": any((c, s) in HELD_OUT_PAIRS for c, s, _, _ in parts), "n_shapes": len(parts)}
+    regions = [{"box": [float(v) for v in box], "phrase": _phrase(rng, c, s, box, image_size), "colour": c,
+                "shape": s} for c, s, box in objs]
+    return {
+        "key": f"{split}-s{seed}-{index:07d}",
+        "image": canvas,
+        "caption": _caption(rng, objs, image_size),
+        "regions": regions,
+        "unseen": any((c, s) in HELDOUT_PAIRS for c, s, _ in objs),
+        "n_shapes": len(objs),
+    }
 
 
 def generate(split: str, n: int, seed: int = 0, image_size: int = 64) -> list:
-    """`n` samples of the 'train' split (held-out colour-shape pairs never appear) or the 'heldout' split."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split: expected 'train' or 'heldout', got {split!r}")
-    pairs = TRAIN_PAIRS if split == "train" else ALL_PAIRS
-    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-    return [make_sample(rng, pairs, image_size, f"{split}{i:07d}") for i in range(n)]
+    """n samples of a split: {"key", "image" (PIL RGB), "caption", "regions", "unseen", "n_shapes"}."""
+    return [make_sample(split, seed, i, image_size) for i in range(n)]
 
 
 def corpus(samples) -> list:
-    """All texts of the samples: captions and region phrases (for training a tokenizer)."""
-    out = []
+    """Every text of the samples: captions and region phrases."""
+    texts = []
     for s in samples:
-        out.append(s["caption"])
-        out.extend(r["phrase"] for r in s["regions"])
-    return out
+        texts.append(s["caption"])
+        texts.extend(r["phrase"] for r in s.get("regions") or [])
+    return texts

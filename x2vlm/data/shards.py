@@ -1,22 +1,28 @@
 """WebDataset shards: a writer, and a streaming reader split across ranks and DataLoader workers.
 
-A sample is `KEY.jpg` (the image) + `KEY.json` ({"caption": str, "regions": [{"box": [x, y, w, h], "phrase":
-str}], ...}); boxes are in pixels. Image-text samples have no regions.
+A sample is `KEY.jpg` (JPEG, quality 95; `image_format="png"` writes lossless `KEY.png`) and `KEY.json`:
+{"caption": str, "regions": [{"box": [x, y, w, h], "phrase": str}, ...], any further fields}. Boxes are in
+pixels. An image-text sample has no (or empty) regions.
 
-Reading: every epoch all ranks shuffle the shard list with the same seed, then global worker
-g = rank * workers + worker takes shards g, g + T, g + 2T, ... (T = ranks * workers), so no shard is read twice
-or missed within an epoch. Bad samples are skipped and counted by kind; the counts ride on the next good
-sample as `_skipped` so that they reach the training loop from inside DataLoader workers.
+Reading: every epoch all ranks shuffle the shard list with the same seed (seed + epoch); global worker
+g = rank * workers + worker then reads shards g, g + T, g + 2T, ... (T = ranks * workers), so within an epoch
+no shard is read twice or missed. Bad input is skipped and counted: the stream then yields a record
+{"_skipped": {kind: count}} without a "key" in place of the sample, so that the counts reach the main process
+through DataLoader workers. Kinds: bad_image, bad_json, bad_utf8, missing_caption, empty_text, bad_shard,
+bad_box (a region whose box has no area inside the image; the region is dropped, the sample kept).
 """
 from __future__ import annotations
 
 import glob
 import io
 import json
+import math
 import os
 import random
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from braceexpand import braceexpand
 from PIL import Image
@@ -25,54 +31,87 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def expand_shards(patterns) -> list:
-    """Globs and brace patterns -> sorted, de-duplicated paths. A pattern that matches nothing is an error."""
-    if isinstance(patterns, str):
+    """Paths, globs, brace patterns ("data/train-{000000..000009}.tar") or folders (their *.tar) -> sorted,
+    de-duplicated paths. Raises FileNotFoundError naming any pattern that matches nothing."""
+    if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
     out = []
     for pattern in patterns:
-        found = []
         for p in braceexpand(str(pattern)):
-            found.extend(sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else ([p] if os.path.exists(p) else []))
-        if not found:
-            raise FileNotFoundError(f"no shard matches {str(pattern)!r}")
-        out.extend(found)
-    return sorted(dict.fromkeys(out))
+            if os.path.isdir(p):
+                found = sorted(glob.glob(os.path.join(p, "*.tar")))
+            elif glob.has_magic(p):
+                found = sorted(glob.glob(p))
+            else:
+                found = [p] if os.path.isfile(p) else []
+            if not found:
+                raise FileNotFoundError(f"no shard matches {p!r}")
+            out.extend(found)
+    return sorted(set(out))
 
 
-def write_shards(samples, out_dir: str, prefix: str, samples_per_shard: int, quality: int = 95) -> list:
-    """Write samples ({"key", "image": PIL image, "caption", "regions", any other JSON-able fields}) to
-    `out_dir/prefix-000000.tar`, ...; returns the shard paths."""
+def encode_image(image, image_format: str = "jpg", quality: int = 95) -> bytes:
+    """PIL image or uint8 HxWx3 array -> JPEG or PNG bytes."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    if image_format == "png":
+        image.convert("RGB").save(buf, format="PNG")
+    else:
+        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_shards(samples, out_dir: str, prefix: str, samples_per_shard: int, image_format: str = "jpg",
+                 quality: int = 95) -> list:
+    """Write samples {"key", "image" (PIL or uint8 array), "caption", "regions", other JSON-able fields} to
+    out_dir/prefix-000000.tar, ...; returns the shard paths. Each shard is written under a temporary name and
+    renamed when complete."""
     import webdataset as wds
 
+    if image_format not in ("jpg", "png"):
+        raise ValueError(f"image_format: expected 'jpg' or 'png', got {image_format!r}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard: expected a positive number, got {samples_per_shard}")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    paths, writer, count = [], None, 0
+    paths, seen = [], set()
+    stream, writer, count = None, None, 0
+
+    def close():
+        writer.close()
+        stream.close()
+        os.replace(paths[-1] + ".tmp", paths[-1])
+
     for s in samples:
+        key = str(s["key"])
+        if "." in key or "/" in key or key in seen:
+            raise ValueError(f"sample key {key!r}: keys must be unique and contain no '.' or '/'")
+        seen.add(key)
         if writer is None or count == samples_per_shard:
             if writer is not None:
-                writer.close()
+                close()
             paths.append(str(Path(out_dir) / f"{prefix}-{len(paths):06d}.tar"))
-            writer, count = wds.TarWriter(paths[-1], encoder=False), 0
-        buf = io.BytesIO()
-        s["image"].convert("RGB").save(buf, format="JPEG", quality=quality)
+            stream = open(paths[-1] + ".tmp", "wb")
+            writer, count = wds.TarWriter(stream, encoder=False), 0
         meta = {k: v for k, v in s.items() if k not in ("key", "image")}
-        writer.write({"__key__": s["key"], "jpg": buf.getvalue(), "json": json.dumps(meta).encode()})
+        writer.write({"__key__": key, image_format: encode_image(s["image"], image_format, quality),
+                      "json": json.dumps(meta).encode("utf-8")})
         count += 1
     if writer is not None:
-        writer.close()
+        close()
     return paths
 
 
-def _tar_samples(path: str):
-    """(key, {ext: bytes}) for each sample of a tar file, files of one key grouped together."""
-    import tarfile
-
-    with tarfile.open(path) as tar:
+def tar_samples(path: str):
+    """(key, {ext: bytes}) for each sample of a tar file; consecutive files with one key form a sample."""
+    with tarfile.open(path, "r|*") as tar:
         key, files = None, {}
         for member in tar:
             if not member.isfile():
                 continue
-            name = os.path.basename(member.name)
-            k, _, ext = name.partition(".")
+            base = os.path.basename(member.name)
+            k, _, ext = base.partition(".")
+            k = os.path.join(os.path.dirname(member.name), k)
             if k != key and files:
                 yield key, files
                 files = {}
@@ -82,69 +121,79 @@ def _tar_samples(path: str):
             yield key, files
 
 
+def _box_ok(box) -> bool:
+    return (isinstance(box, (list, tuple)) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box))
+
+
+def clean_regions(regions, width: int, height: int):
+    """Regions clipped to the image; (kept, number dropped for a box without area inside the image)."""
+    kept, dropped = [], 0
+    for r in regions:
+        x, y, w, h = map(float, r["box"])
+        x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)
+        if x1 - x0 <= 0 or y1 - y0 <= 0:
+            dropped += 1
+            continue
+        kept.append({**r, "box": [x0, y0, x1 - x0, y1 - y0]})
+    return kept, dropped
+
+
 def decode_sample(key: str, files: dict):
-    """(sample, None) or (None, kind of damage). sample = {"key", "image": PIL RGB, "json": dict}."""
+    """(sample, {kind: count}) where sample = {"key", "image": PIL RGB, "json": dict} or None when unusable."""
     ext = next((e for e in IMAGE_EXTS if e in files), None)
     if ext is None:
-        return None, "no_image"
+        return None, {"bad_image": 1}
     if "json" not in files:
-        return None, "no_json"
+        return None, {"bad_json": 1}
     try:
         meta = json.loads(files["json"].decode("utf-8"))
     except UnicodeDecodeError:
-        return None, "bad_text_encoding"
+        return None, {"bad_utf8": 1}
     except ValueError:
-        return None, "bad_json"
+        return None, {"bad_json": 1}
     if not isinstance(meta, dict):
-        return None, "bad_json"
-    caption = meta.get("caption")
-    if not isinstance(caption, str):
-        return None, "bad_json"
+        return None, {"bad_json": 1}
+    if "caption" not in meta:
+        return None, {"missing_caption": 1}
+    caption, regions = meta["caption"], meta.get("regions") or []
+    if not isinstance(caption, str) or not isinstance(regions, list):
+        return None, {"bad_json": 1}
     if not caption.strip():
-        return None, "empty_text"
-    regions = meta.get("regions") or []
-    if not isinstance(regions, list):
-        return None, "bad_json"
+        return None, {"empty_text": 1}
+    for r in regions:
+        if not isinstance(r, dict) or not _box_ok(r.get("box")) or not isinstance(r.get("phrase"), str):
+            return None, {"bad_json": 1}
+        if not r["phrase"].strip():
+            return None, {"empty_text": 1}
     try:
-        image = Image.open(io.BytesIO(files[ext]))
-        image.load()
-        image = image.convert("RGB")
+        with Image.open(io.BytesIO(files[ext])) as im:
+            image = im.convert("RGB")
     except Exception:
-        return None, "bad_image"
-    return {"key": key, "image": image, "json": meta}, None
+        return None, {"bad_image": 1}
+    regions, dropped = clean_regions(regions, *image.size)
+    meta = {**meta, "caption": caption.strip(), "regions": [{**r, "phrase": r["phrase"].strip()} for r in regions]}
+    return {"key": key, "image": image, "json": meta}, ({"bad_box": dropped} if dropped else {})
 
 
-def clean_regions(meta: dict, width: int, height: int):
-    """Regions with a usable box and phrase, clipped to the image; returns (regions, number dropped)."""
-    keep, dropped = [], 0
-    for r in meta.get("regions") or []:
-        box = r.get("box") if isinstance(r, dict) else None
-        phrase = r.get("phrase") if isinstance(r, dict) else None
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-                and isinstance(phrase, str) and phrase.strip()):
-            dropped += 1
-            continue
-        x0, y0 = max(0.0, float(box[0])), max(0.0, float(box[1]))
-        x1, y1 = min(float(width), float(box[0]) + float(box[2])), min(float(height), float(box[1]) + float(box[3]))
-        if x1 - x0 < 1 or y1 - y0 < 1:
-            dropped += 1
-            continue
-        keep.append({"box": [x0, y0, x1 - x0, y1 - y0], "phrase": phrase.strip()})
-    return keep, dropped
-
-
-def dist_info(rank=None, world_size=None):
-    if rank is not None and world_size is not None:
-        return rank, world_size
+def dist_info(rank: int | None = None, world_size: int | None = None):
+    """(rank, world size): explicit arguments, else torch.distributed, else RANK / WORLD_SIZE, else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    r, w = (r if rank is None else rank), (w if world_size is None else world_size)
+    if not 0 <= r < w:
+        raise ValueError(f"rank {r} is not in 0..{w - 1}")
+    return r, w
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Decoded samples from shards, split across ranks and workers, skipping and counting bad input.
+    """Decoded samples of shards, split across ranks and DataLoader workers; bad input skipped and counted.
 
-    infinite=True repeats epochs with a new shard order each (training); False reads one pass (evaluation).
+    infinite=True repeats epochs forever, each with a new shard order (training); False reads one pass
+    (evaluation). shuffle=False keeps the shard order and sample order. Items without "key" carry only
+    "_skipped" counts.
     """
 
     def __init__(self, shards, seed: int = 0, infinite: bool = True, shuffle: bool = True, buffer: int = 64,
@@ -152,53 +201,59 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shards = expand_shards(shards)
         self.seed, self.infinite, self.shuffle, self.buffer = seed, infinite, shuffle, buffer
         self.rank, self.world_size = dist_info(rank, world_size)
+        self.epoch = 0  # first epoch of the next pass; set_epoch() moves it, each finished pass adds one
         if num_workers is not None:
             self.check_enough(num_workers)
 
-    def check_enough(self, num_workers: int) -> None:
-        total = self.world_size * max(1, num_workers)
-        if len(self.shards) < total:
-            raise ValueError(f"{len(self.shards)} shards cannot feed {self.world_size} rank(s) x "
-                             f"{max(1, num_workers)} worker(s); write at least {total} shards "
-                             f"(or use fewer workers)")
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
-    def my_shards(self, epoch: int, worker: int, num_workers: int) -> list:
+    def check_enough(self, num_workers: int) -> None:
+        workers = max(1, num_workers)
+        total = self.world_size * workers
+        if len(self.shards) < total:
+            raise ValueError(f"{len(self.shards)} shards cannot feed {self.world_size} ranks x {workers} workers; "
+                             f"write at least {total} shards (or use fewer workers)")
+
+    def shards_for(self, epoch: int, worker: int, num_workers: int) -> list:
+        """The shards that one worker of this rank reads in an epoch."""
         order = list(self.shards)
         if self.shuffle:
             random.Random(self.seed + epoch).shuffle(order)
         total = self.world_size * num_workers
-        g = self.rank * num_workers + worker
-        return order[g::total]
+        return order[self.rank * num_workers + worker::total]
+
+    def read_shard(self, path: str):
+        try:
+            for key, files in tar_samples(path):
+                sample, bad = decode_sample(key, files)
+                if sample is None:
+                    yield {"_skipped": bad}
+                else:
+                    if bad:
+                        sample["_skipped"] = bad
+                    yield sample
+        except (OSError, EOFError, tarfile.TarError):  # unreadable or truncated shard: the rest of it is lost
+            yield {"_skipped": {"bad_shard": 1}}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         self.check_enough(num_workers)
-        rng = random.Random(self.seed * 1000003 + self.rank * 1009 + worker)
-        skipped: dict = {}
-        epoch = 0
         while True:
-            buf = []
-            for path in self.my_shards(epoch, worker, num_workers):
-                try:
-                    for key, files in _tar_samples(path):
-                        sample, bad = decode_sample(key, files)
-                        if bad:
-                            skipped[bad] = skipped.get(bad, 0) + 1
-                            continue
-                        if skipped:
-                            sample["_skipped"], skipped = skipped, {}
-                        if not self.shuffle:
-                            yield sample
-                            continue
-                        buf.append(sample)
-                        if len(buf) >= self.buffer:
-                            yield buf.pop(rng.randrange(len(buf)))
-                except (OSError, EOFError, ValueError) as e:  # missing or truncated shard
-                    kind = "missing_shard" if isinstance(e, FileNotFoundError) else "bad_shard"
-                    skipped[kind] = skipped.get(kind, 0) + 1
+            epoch = self.epoch
+            self.epoch += 1
+            rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
+            buf: list = []
+            for path in self.shards_for(epoch, worker, num_workers):
+                for item in self.read_shard(path):
+                    if not self.shuffle or self.buffer <= 1:
+                        yield item
+                        continue
+                    buf.append(item)
+                    if len(buf) >= self.buffer:
+                        yield buf.pop(rng.randrange(len(buf)))
             rng.shuffle(buf)
             yield from buf
-            epoch += 1
             if not self.infinite:
-                break
+                return

@@ -1,11 +1,16 @@
-"""Tokenizers: train a small BERT-style WordPiece tokenizer on a corpus, or load one from a folder / hub id."""
+"""Tokenizers: train a small BERT-style WordPiece tokenizer on a corpus, or load one from a folder or hub id."""
 from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def train_tokenizer(texts, out_dir: str, vocab_size: int = 1000):
-    """A lower-casing WordPiece tokenizer trained on `texts`, saved with save_pretrained to `out_dir`."""
+    """A lower-casing WordPiece tokenizer trained on `texts`, saved with save_pretrained to `out_dir` and
+    returned as a transformers fast tokenizer ([PAD] = 0)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertTokenizerFast
 
@@ -15,20 +20,42 @@ def train_tokenizer(texts, out_dir: str, vocab_size: int = 1000):
     tok.decoder = decoders.WordPiece()
     tok.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                             sep_token="[SEP]", mask_token="[MASK]")
+    fast = BertTokenizerFast(tokenizer_object=tok, do_lower_case=True, unk_token="[UNK]", pad_token="[PAD]",
+                             cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     fast.save_pretrained(out_dir)
     return fast
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_tokenizer(name_or_dir: str):
-    """A fast tokenizer from a local folder, or a hub id where a hub is reachable."""
+    """A fast tokenizer from a local folder, the local hub cache, or the hub. Fails at once with a clear error
+    when the folder does not exist or the hub cannot be reached."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(name_or_dir)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"model.text.tokenizer: cannot load {name_or_dir!r} (a local tokenizer folder "
-                                f"or a reachable hub id is expected): {e}") from None
+    if os.path.isdir(name_or_dir):
+        tok = AutoTokenizer.from_pretrained(name_or_dir)
+    else:
+        looks_local = name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") > 1
+        if looks_local:
+            raise FileNotFoundError(f"tokenizer folder not found: {name_or_dir}")
+        try:
+            tok = AutoTokenizer.from_pretrained(name_or_dir, local_files_only=True)
+        except (OSError, ValueError):
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not _hub_reachable()
+            if offline:
+                raise OSError(f"tokenizer {name_or_dir!r}: not a local folder, not in the hub cache, and the hub "
+                              f"is unreachable; pass a local tokenizer folder") from None
+            tok = AutoTokenizer.from_pretrained(name_or_dir)
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"tokenizer {name_or_dir!r}: a fast tokenizer is needed (word ids for whole-word masking)")
+    return tok
