@@ -57,6 +57,8 @@ def _evaluate(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="x2vlm", description=__doc__)
+    # The deepspeed launcher puts --local_rank=N before the subcommand; the rank comes from the environment.
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="generate synthetic data, pre-train a tiny model with 2 ranks, evaluate")
@@ -71,7 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("pretrain", help="pre-train (run under deepspeed, torchrun, or as one process)")
     t.add_argument("--config", required=True, help="preset name (tiny, base, large) or a YAML file")
     t.add_argument("--resume", default=None, help="'latest' or a checkpoint tag such as step400")
-    t.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.fusion.layers=2")
     t.set_defaults(func=_pretrain)
 

@@ -57,7 +57,8 @@ def launch_pretrain(config_path: Path, ranks: int, log_path: Path) -> None:
                 print(line, end="", flush=True)
         code = proc.wait()
     if code != 0:
-        raise RuntimeError(f"pre-training failed with exit code {code}; see {log_path}")
+        tail = "".join(open(log_path).readlines()[-25:])
+        raise RuntimeError(f"pre-training failed with exit code {code}; the end of {log_path}:\n{tail}")
 
 
 def summary_table(results: dict) -> str:
