@@ -1,0 +1,78 @@
+"""Vision encoder: a timm ViT or BEiT(-2) whose output is [mean patch token, patch tokens].
+
+The ViT's own prefix tokens ([CLS], registers) take part in attention but are dropped from the output; the visual
+"CLS" is the mean of the patch tokens after the final LayerNorm. Output [N, 1 + P, D].
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from x2vlm.config import VisionConfig
+
+
+def load_state_file(path: str) -> dict:
+    """A state dict from a .safetensors file or a torch file (tensors only: weights_only, no code runs)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "module"):  # training checkpoints wrap the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def adapt_state_dict(state: dict, vit: nn.Module) -> dict:
+    """Fit a published ViT / BEiT-2 state dict to `vit`:
+    - BEiT(-2) pre-training checkpoints share one relative position bias table: copy it into every block;
+    - a classifier checkpoint keeps the final norm as `fc_norm` (applied after pooling): here it is `norm`,
+      applied to every token;
+    - the classifier head is dropped (the encoder has none);
+    - then timm's own filter for the model family resizes patch / position embeddings and relative position bias
+      tables to this resolution."""
+    own = dict(vit.named_parameters())
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    shared = state.pop("rel_pos_bias.relative_position_bias_table", None)
+    state.pop("rel_pos_bias.relative_position_index", None)
+    if shared is not None:
+        for name in own:
+            if name.endswith("attn.relative_position_bias_table"):
+                state.setdefault(name, shared)
+    if "norm.weight" in own and "fc_norm.weight" not in own and "norm.weight" not in state:
+        for suffix in ("weight", "bias"):
+            if f"fc_norm.{suffix}" in state:
+                state[f"norm.{suffix}"] = state.pop(f"fc_norm.{suffix}")
+    filter_fn = getattr(sys.modules[type(vit).__module__], "checkpoint_filter_fn", None)
+    return filter_fn(state, vit) if filter_fn is not None else state
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        import timm
+
+        # global_pool="" keeps the final LayerNorm on the tokens (with "avg", BEiT moves it after the pooling).
+        kwargs = dict(pretrained=False, img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width,
+                      depth=cfg.depth, num_heads=cfg.heads, drop_path_rate=cfg.drop_path, num_classes=0,
+                      global_pool="")
+        self.vit = timm.create_model(cfg.name, **{**kwargs, **cfg.extra})
+        self.prefix = getattr(self.vit, "num_prefix_tokens", 1)
+        self.width = cfg.width
+        if cfg.init_checkpoint:
+            self.load_checkpoint(cfg.init_checkpoint)
+
+    def load_checkpoint(self, path: str) -> tuple[list, list]:
+        """Load local weights (nothing is downloaded); prints and returns the missing and unexpected keys."""
+        state = adapt_state_dict(load_state_file(path), self.vit)
+        missing, unexpected = self.vit.load_state_dict(state, strict=False)
+        print(f"[x2vlm] vision weights from {path}: {len(missing)} missing {missing[:8]}, "
+              f"{len(unexpected)} unexpected {unexpected[:8]}", flush=True)
+        return missing, unexpected
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = self.vit.forward_features(images)[:, self.prefix:]
+        return torch.cat([patches.mean(1, keepdim=True), patches], dim=1)

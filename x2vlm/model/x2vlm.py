@@ -1,0 +1,157 @@
+"""The X2-VLM model, top to bottom.
+
+    images -> vision encoder -> [mean token, patches]          once per unique image   [N, 1 + P, Dv]
+    texts  -> text encoder   -> tokens                                                  [M, L, Dt]
+    per text (gathered by image_idx): its image's tokens with token 0 replaced by the mean of the patches in its
+    box (the region CLS), and a cross-attention mask hiding the patches outside the box  [M, 1 + P, Dv]
+
+    ITC  region CLS vs text [CLS], features gathered across ranks
+    ITM  fusion [CLS] of (text, its visual sequence) against hard negatives drawn from the ITC logits
+    MLM  fusion of the masked text with its visual sequence
+    box  fusion [CLS] of (region text, the whole image, no mask) -> normalised (cx, cy, w, h); L1 + GIoU
+
+Loss math runs in float32 also when DeepSpeed has cast the module to bf16.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from x2vlm.config import LossConfig, ModelConfig
+from x2vlm.losses import box_losses, itc_loss, itm_labels, itm_loss, mlm_loss, sample_hard_negatives
+from x2vlm.model.fusion import FusionEncoder
+from x2vlm.model.heads import BoxHead, MLMHead, MLPHead, Projection, Temperature
+from x2vlm.model.regions import box_to_patch_mask, pool_regions, xywh_to_cxcywh_norm
+from x2vlm.model.text import TextEncoder
+from x2vlm.model.vision import VisionEncoder
+
+BACKBONES = ("vision.", "text.")  # loaded from pre-trained weights; everything else starts fresh
+
+
+def init_fresh(module: nn.Module) -> None:
+    """BERT's initialisation for the fresh parts: weights N(0, 0.02), zero biases, unit LayerNorms. The heads
+    then start near their neutral outputs (ITM logits about 0, boxes about the image centre)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class X2VLM(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig, vocab_size: int, pad_id: int):
+        super().__init__()
+        self.cfg, self.loss_cfg = model_cfg, loss_cfg
+        self.vision = VisionEncoder(model_cfg.vision)
+        self.text = TextEncoder(model_cfg.text, vocab_size, pad_id)
+        dv, dt = self.vision.width, self.text.width
+        self.fusion = FusionEncoder(model_cfg.fusion, width=dt, vision_width=dv)
+        self.vision_proj = Projection(dv, model_cfg.embed_dim)
+        self.text_proj = Projection(dt, model_cfg.embed_dim)
+        self.temperature = Temperature(model_cfg.temp, model_cfg.temp_min, model_cfg.temp_max)
+        self.itm_head = MLPHead(dt, 2)
+        self.bbox_head = BoxHead(dt)
+        self.mlm_head = MLMHead(dt, self.text.vocab_size)
+        for fresh in (self.fusion, self.vision_proj, self.text_proj, self.itm_head, self.bbox_head, self.mlm_head):
+            fresh.apply(init_fresh)
+
+    # --- parameter groups ----------------------------------------------------------------------------------
+    @staticmethod
+    def is_new_param(name: str) -> bool:
+        """True for freshly initialised parameters (fusion with its cross-attention, projections, temperature,
+        ITM / box / MLM heads), False for the backbones (vision and text encoders). Accepts names with the
+        "module." prefix of a wrapping engine."""
+        return not name.removeprefix("module.").startswith(BACKBONES)
+
+    def new_parameter_names(self) -> list[str]:
+        return [name for name, _ in self.named_parameters() if self.is_new_param(name)]
+
+    # --- encoders and heads --------------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N, 3, H, W] -> [N, 1 + P, Dv]: mean patch token, then the patch tokens."""
+        return self.vision(images)
+
+    def encode_text(self, ids: torch.Tensor, atts: torch.Tensor) -> torch.Tensor:
+        """ids, atts [M, L] -> [M, L, Dt]."""
+        return self.text(ids, atts)
+
+    def image_feat(self, vis_tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised contrastive feature [.., E] (float32) from visual token 0 (image mean or region CLS)."""
+        return self.vision_proj(vis_tokens[..., 0, :])
+
+    def text_feat(self, text_tokens: torch.Tensor) -> torch.Tensor:
+        """Normalised contrastive feature [.., E] (float32) from the [CLS] token."""
+        return self.text_proj(text_tokens[..., 0, :])
+
+    def fuse(self, text_tokens: torch.Tensor, text_atts: torch.Tensor, vis_tokens: torch.Tensor,
+             vis_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Text tokens [M, L, Dt] attending to vision tokens [M, V, Dv]; vis_mask [M, V] bool (None = all)."""
+        if vis_mask is None:
+            vis_mask = torch.ones(vis_tokens.shape[:2], dtype=torch.bool, device=vis_tokens.device)
+        return self.fusion(text_tokens, text_atts, vis_tokens, vis_mask)
+
+    def itm_logits(self, text_tokens: torch.Tensor, text_atts: torch.Tensor, vis_tokens: torch.Tensor,
+                   vis_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Match / no-match logits [M, 2] (float32; index 1 = match) from the fusion [CLS]."""
+        return self.itm_head(self.fuse(text_tokens, text_atts, vis_tokens, vis_mask)[:, 0]).float()
+
+    def predict_boxes(self, visual: torch.Tensor, ids: torch.Tensor, atts: torch.Tensor) -> torch.Tensor:
+        """Normalised (cx, cy, w, h) [M, 4] for each text, from the fusion [CLS] with the whole image (no mask).
+        `visual`: images [M, 3, H, W] or vision tokens [M, 1 + P, Dv]; one image serves all M texts."""
+        vis = self.encode_image(visual) if visual.dim() == 4 else visual
+        if vis.shape[0] == 1:
+            vis = vis.expand(ids.shape[0], -1, -1)
+        return self.bbox_head(self.fuse(self.encode_text(ids, atts), atts, vis)[:, 0])
+
+    # --- pre-training / fine-tuning losses -----------------------------------------------------------------
+    def forward(self, batch: dict) -> dict:
+        """Scalar losses "itc", "itm", "mlm" (+ "bbox", "giou" when the batch has region texts), their weighted
+        sum "loss", and the detached statistic "itm_acc". See the module docstring for the data flow."""
+        size, patch = self.cfg.vision.image_size, self.cfg.vision.patch_size
+        ids, atts, image_idx = batch["text_ids"], batch["text_atts"], batch["image_idx"]
+        instance_ids = batch.get("instance_ids")
+
+        vis = self.encode_image(batch["images"])  # each unique image once
+        vis_mask = box_to_patch_mask(batch["boxes"], size, patch)
+        seq = pool_regions(vis, image_idx, vis_mask)  # per text: [region CLS, all patches]
+        txt = self.encode_text(ids, atts)
+
+        itc, logits_i2t, logits_t2i = itc_loss(self.image_feat(seq), self.text_feat(txt), self.temperature(),
+                                               instance_ids)
+
+        # ITM. A pair's positives: texts of the same image (a phrase still matches its own image's sequences)
+        # and, when given, texts of the same instance. One hard negative visual sequence per text, one hard
+        # negative text per visual sequence; all 3M pairs go through the fusion encoder together.
+        positive = image_idx[:, None] == image_idx[None, :]
+        if instance_ids is not None:
+            positive |= instance_ids[:, None] == instance_ids[None, :]
+        neg_img, neg_img_ok = sample_hard_negatives(logits_t2i, positive)
+        neg_txt, neg_txt_ok = sample_hard_negatives(logits_i2t, positive)
+        itm_out = self.itm_logits(torch.cat([txt, txt, txt[neg_txt]]), torch.cat([atts, atts, atts[neg_txt]]),
+                                  torch.cat([seq, seq[neg_img], seq]),
+                                  torch.cat([vis_mask, vis_mask[neg_img], vis_mask]))
+        labels = itm_labels(neg_img_ok, neg_txt_ok)
+        itm = itm_loss(itm_out, labels)
+
+        # MLM: the masked text fused with its visual sequence; the head runs at masked positions only.
+        fused = self.fuse(self.encode_text(batch["mlm_ids"], atts), atts, seq, vis_mask)
+        mlm_labels = batch["mlm_labels"]
+        masked = mlm_labels != -100
+        mlm = mlm_loss(self.mlm_head(fused[masked]), mlm_labels[masked])
+
+        # Box: region texts with the whole image. Runs also with no region text (on zero rows), so that every
+        # parameter takes part in every step on every rank, as ZeRO-3 expects.
+        region = batch["is_region"]
+        pred = self.bbox_head(self.fuse(txt[region], atts[region], vis[image_idx[region]])[:, 0])
+        bbox, giou = box_losses(pred, xywh_to_cxcywh_norm(batch["boxes"][region], size))
+
+        w = self.loss_cfg
+        out = {"itc": itc, "itm": itm, "mlm": mlm}
+        if region.any():
+            out.update(bbox=bbox, giou=giou)
+        out["loss"] = w.itc * itc + w.itm * itm + w.mlm * mlm + w.bbox * bbox + w.giou * giou
+        with torch.no_grad():
+            scored = labels != -100
+            out["itm_acc"] = (itm_out.argmax(-1) == labels)[scored].float().mean()
+        return out
