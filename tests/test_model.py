@@ -262,3 +262,18 @@ def test_beit2_base_builds_with_relative_position_bias_and_loads_a_beit_checkpoi
     missing, unexpected = enc.load_checkpoint(str(tmp_path / "beit.pt"))
     assert missing == [] and unexpected == []
     assert torch.equal(enc.vit.norm.weight, other.fc_norm.weight)
+
+
+def test_vit_from_scratch_starts_with_a_2d_sincos_position_table():
+    from x2vlm.model.vision import VisionEncoder, sincos_2d
+
+    table = sincos_2d(4, 8)
+    assert table.shape == (16, 8)
+    # the first half of the channels depends on the row only, the second half on the column only
+    assert torch.equal(table[0, :4], table[3, :4]) and not torch.equal(table[0, :4], table[4, :4])
+    assert torch.equal(table[0, 4:], table[4, 4:]) and not torch.equal(table[0, 4:], table[1, 4:])
+    cfg = load_config("tiny", ["model.vision.depth=1"], check_paths=False)
+    enc = VisionEncoder(cfg.model.vision)
+    grid = cfg.model.vision.image_size // cfg.model.vision.patch_size
+    assert torch.equal(enc.vit.pos_embed[0, 1:].detach(), sincos_2d(grid, cfg.model.vision.width))
+    assert enc.vit.pos_embed.requires_grad

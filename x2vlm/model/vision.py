@@ -50,6 +50,18 @@ def adapt_state_dict(state: dict, vit: nn.Module) -> dict:
     return filter_fn(state, vit) if filter_fn is not None else state
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position table [grid * grid, dim], row-major: half the channels encode the row,
+    half the column (as MAE initialises ViTs trained from scratch)."""
+    def one_axis(pos: torch.Tensor, d: int) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        angles = pos.double()[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([one_axis(rows.flatten(), dim // 2), one_axis(cols.flatten(), dim // 2)], dim=1).float()
+
+
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -62,8 +74,21 @@ class VisionEncoder(nn.Module):
         self.vit = timm.create_model(cfg.name, **{**kwargs, **cfg.extra})
         self.prefix = getattr(self.vit, "num_prefix_tokens", 1)
         self.width = cfg.width
+        self.init_position_table(cfg.image_size // cfg.patch_size)
         if cfg.init_checkpoint:
             self.load_checkpoint(cfg.init_checkpoint)
+
+    @torch.no_grad()
+    def init_position_table(self, grid: int) -> None:
+        """A ViT trained from scratch starts with a 2-D sine-cosine table in its (still learnable) absolute
+        position embedding instead of small random values: patches then know where they are from the first
+        step, which box regression needs. Models without one (BEiT's relative bias) are left alone; a
+        checkpoint, when given, overwrites it."""
+        pos = getattr(self.vit, "pos_embed", None)
+        if not isinstance(pos, nn.Parameter) or pos.shape[-2] < grid * grid or pos.shape[-1] % 4:
+            return
+        pos.zero_()
+        pos[0, pos.shape[1] - grid * grid:] = sincos_2d(grid, pos.shape[-1])
 
     def load_checkpoint(self, path: str) -> tuple[list, list]:
         """Load local weights (nothing is downloaded); prints and returns the missing and unexpected keys."""
