@@ -4,6 +4,7 @@ no code from the file and no renaming."""
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,19 +26,11 @@ def full_state_dict(engine) -> dict | None:
     module = engine.module
     params = list(module.parameters())
     stage3 = engine.zero_optimization_stage() == 3
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage3 else _nullcontext()
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage3 else nullcontext()
     with ctx:
         if not dist_util.is_main():
             return None
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def export_weights(state: dict, cfg: RunConfig, folder: Path, tokenizer_dir: str | None) -> None:

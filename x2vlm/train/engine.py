@@ -1,9 +1,7 @@
 """The DeepSpeed engine: a JSON file from ds_configs/ made to agree with the run configuration."""
 from __future__ import annotations
 
-import copy
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -11,7 +9,6 @@ import torch
 from x2vlm.config import ConfigError, RunConfig
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
-log = logging.getLogger(__name__)
 
 
 def ds_config_path(name: str) -> Path:
@@ -58,7 +55,6 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"train.ds_config: {path} is not valid JSON: {e}") from None
-    ds = copy.deepcopy(ds)
     micro = sum(s.batch_size for s in cfg.data.sources) or 1
     wanted = {
         "train_micro_batch_size_per_gpu": (micro, "the sum of data.sources.batch_size"),

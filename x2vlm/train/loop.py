@@ -2,7 +2,6 @@
 steps the DeepSpeed engine. Metrics go to the console, a JSONL file and wandb; checkpoints every N steps."""
 from __future__ import annotations
 
-import logging
 import random
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ from x2vlm.train.engine import build_ds_config, build_engine, precision_of
 from x2vlm.train.metrics import Metrics
 from x2vlm.train.optim import build_optimizer
 
-log = logging.getLogger("x2vlm")
 
 
 class TooManyBadSamples(RuntimeError):
