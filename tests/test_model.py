@@ -96,12 +96,34 @@ def test_pool_regions_matches_a_loop():
     mask[1, 1:] = False
     mask[1, 4] = True  # a single patch
     out = pool_regions(vis, image_idx, mask)
-    assert out.shape == (4, 17, 5)
+    assert out.shape == (4, 5)
     for j in range(4):
         inside = [vis[image_idx[j], 1 + p] for p in range(16) if mask[j, 1 + p]]
-        assert torch.allclose(out[j, 0], torch.stack(inside).mean(0), atol=1e-6)
-        assert torch.equal(out[j, 1:], vis[image_idx[j], 1:])
-    assert torch.allclose(out[0, 0], vis[0, 1:].mean(0), atol=1e-6)  # all ones: the image's mean token
+        assert torch.allclose(out[j], torch.stack(inside).mean(0), atol=1e-6)
+    assert torch.allclose(out[0], vis[0, 1:].mean(0), atol=1e-6)  # all ones: the image's mean token
+
+
+def test_fusion_with_shared_image_keys_equals_per_text_sequences():
+    """Per-image keys/values gathered by index, with a per-text token 0, give what the fusion encoder gives on
+    explicitly built per-text visual sequences."""
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    g = torch.Generator().manual_seed(7)
+    vis = torch.randn(3, 1 + 64, 64, generator=g)
+    index = torch.tensor([2, 0, 0, 1, 2])
+    first = torch.randn(5, 64, generator=g)
+    txt = torch.randn(5, 6, 64, generator=g)
+    atts = torch.ones(5, 6, dtype=torch.long)
+    atts[1, 4:] = 0
+    mask = torch.rand(5, 65, generator=g) > 0.3
+    mask[:, 0] = True
+    seq = torch.cat([first[:, None], vis[index, 1:]], 1)
+    with torch.no_grad():
+        expected = model.fuse(txt, atts, seq, mask)
+        assert torch.allclose(model.fuse(txt, atts, vis, mask, index, first), expected, atol=1e-5)
+        whole = model.fuse(txt, atts, vis[index], mask)
+        assert torch.allclose(model.fuse(txt, atts, vis, mask, index), whole, atol=1e-5)
+        assert not torch.allclose(whole, expected, atol=1e-3)  # token 0 matters
 
 
 def test_box_targets_are_normalised_centre_boxes():
@@ -196,12 +218,13 @@ def test_model_learns_a_fixed_batch():
         # ITC retrieval on the batch: every text finds its own visual sequence (region CLS) first.
         vis = model.encode_image(batch["images"])
         mask = box_to_patch_mask(batch["boxes"], SIZE, 8)
-        seq = pool_regions(vis, batch["image_idx"], mask)
+        cls = pool_regions(vis, batch["image_idx"], mask)
         txt = model.encode_text(batch["text_ids"], batch["text_atts"])
-        sim = model.text_feat(txt) @ model.image_feat(seq).T
+        sim = model.text_feat(txt) @ model.vision_proj(cls).T
         t2i_acc = float((sim.argmax(1) == torch.arange(len(sim))).float().mean())
         # MLM: the masked words are recovered.
-        fused = model.fuse(model.encode_text(batch["mlm_ids"], batch["text_atts"]), batch["text_atts"], seq, mask)
+        fused = model.fuse(model.encode_text(batch["mlm_ids"], batch["text_atts"]), batch["text_atts"], vis, mask,
+                           batch["image_idx"], cls)
         masked = batch["mlm_labels"] != -100
         mlm_acc = float((model.mlm_head(fused[masked]).argmax(-1) == batch["mlm_labels"][masked]).float().mean())
     assert last < 0.5 * first, (first, last)

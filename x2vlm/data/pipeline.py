@@ -107,7 +107,7 @@ class SourceBatches(torch.utils.data.IterableDataset):
         if chunk:
             yield self.batcher(chunk, skipped, rng, gen)
         elif skipped:
-            warnings.warn(f"bad samples at the end of the shards, after the last batch: {skipped}")
+            warnings.warn(f"bad samples at the end of the shards, after the last batch: {skipped}", stacklevel=2)
 
 
 def build_loader(source: SourceConfig, data_cfg: DataConfig, tokenizer, image_size: int, max_len: int,
@@ -145,4 +145,4 @@ def iterate_samples(shards, skipped: dict | None = None):
     if skipped is not None:
         add_counts(skipped, counts)
     if counts:
-        warnings.warn(f"skipped while reading {len(stream.shards)} shard(s): {counts}")
+        warnings.warn(f"skipped while reading {len(stream.shards)} shard(s): {counts}", stacklevel=2)

@@ -24,20 +24,26 @@ def cxcywh_norm_to_xywh(boxes: torch.Tensor, size: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_grounding(model, samples, tokenize, image_size: int) -> dict:
     """`samples`: (image tensor [3, H, W], list of (phrase, true box xywh in pixels)) for images with at least
-    two shapes. `tokenize(texts) -> (ids, atts)`."""
+    two shapes. `tokenize(texts) -> (ids, atts)`. Besides accuracy at IoU 0.5 and mean IoU, "right_shape" is
+    the share of phrases whose predicted box overlaps their own shape more than any other shape of the image
+    (whether the model picks the right object, whatever the precision of the box)."""
     model.eval()
-    ious, base = [], []
+    ious, base, picked = [], [], []
     for image, regions in samples:
         phrases = [p for p, _ in regions]
         truth = torch.tensor([b for _, b in regions], dtype=torch.float32)
         ids, atts = tokenize(phrases)
-        vis = model.encode_image(image[None]).expand(len(phrases), -1, -1)
+        vis = model.encode_image(image[None])  # one image for all its phrases
         pred = cxcywh_norm_to_xywh(model.predict_boxes(vis, ids, atts), image_size)
         ious.append(box_iou_xywh(pred, truth))
-        # Expected accuracy of answering with a uniformly random shape of the same image, computed exactly.
+        # Which shape of the image the predicted box overlaps most: the right one, whatever the precision?
         n = len(regions)
+        overlap = box_iou_xywh(pred.repeat_interleave(n, 0), truth.repeat(n, 1)).reshape(n, n)
+        picked.append((overlap.argmax(1) == torch.arange(n)) & (overlap.max(1).values > 0))
+        # Expected accuracy of answering with a uniformly random shape of the same image, computed exactly.
         pair = box_iou_xywh(truth.repeat_interleave(n, 0), truth.repeat(n, 1)).reshape(n, n)
         base.append((pair >= 0.5).float().mean(1))
-    ious, base = torch.cat(ious), torch.cat(base)
+    ious, base, picked = torch.cat(ious), torch.cat(base), torch.cat(picked)
     return {"acc_iou50": float((ious >= 0.5).float().mean()), "mean_iou": float(ious.mean()), "n": len(ious),
+            "right_shape": float(picked.float().mean()),
             "random_shape_baseline_acc_iou50": float(base.mean())}

@@ -28,7 +28,7 @@ def itm_scorer(model, vis, txt, atts, batch: int = 128):
         out = []
         for s in range(0, len(t_idx), batch):
             t, i = t_idx[s:s + batch], i_idx[s:s + batch]
-            logits = model.itm_logits(txt[t], atts[t], vis[i])
+            logits = model.itm_logits(txt[t], atts[t], vis, index=i)
             out.append(logits.float().softmax(-1)[:, 1])
         return torch.cat(out)
     return rescore

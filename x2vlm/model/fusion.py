@@ -19,7 +19,12 @@ from x2vlm.config import FusionConfig
 
 
 class Attention(nn.Module):
-    """Multi-head attention of queries x [M, L, D] over keys/values kv [M, V, Dkv] with a key mask [M, V]."""
+    """Multi-head attention of queries x [M, L, D] over keys/values with a key mask [M, V].
+
+    Keys/values come from `kv` [N, V, Dkv]. For self-attention N = M. For cross-attention `kv` holds each image
+    once and `index` [M] names each query row's image, so the key/value projections of an image are computed
+    once however many texts attend to it; `first` [M, Dkv] optionally replaces token 0 per text (the region
+    token of a box)."""
 
     def __init__(self, width: int, kv_width: int, heads: int, dropout: float):
         super().__init__()
@@ -33,8 +38,18 @@ class Attention(nn.Module):
         m, n, d = x.shape
         return x.view(m, n, self.heads, d // self.heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.split_heads(self.q(x)), self.split_heads(self.k(kv)), self.split_heads(self.v(kv))
+    def keys_values(self, kv: torch.Tensor, index: torch.Tensor | None, first: torch.Tensor | None):
+        k, v = self.k(kv), self.v(kv)  # [N, V, D]: once per image
+        if first is None:
+            return (k, v) if index is None else (k[index], v[index])
+        rest = slice(1, None)
+        k, v = (k[:, rest], v[:, rest]) if index is None else (k[index, rest], v[index, rest])
+        return torch.cat([self.k(first)[:, None], k], 1), torch.cat([self.v(first)[:, None], v], 1)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor, index: torch.Tensor | None = None,
+                first: torch.Tensor | None = None) -> torch.Tensor:
+        k, v = self.keys_values(kv, index, first)
+        q, k, v = self.split_heads(self.q(x)), self.split_heads(k), self.split_heads(v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_mask[:, None, None, :],
                                            dropout_p=self.dropout if self.training else 0.0)
         m, h, n, d = y.shape
@@ -53,10 +68,10 @@ class FusionLayer(nn.Module):
                                  nn.Linear(cfg.intermediate_size, width))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, text_mask, vis, vis_mask):
+    def forward(self, x, text_mask, vis, vis_mask, index=None, first=None):
         h = self.norm1(x)
         x = x + self.drop(self.self_attn(h, h, text_mask))
-        x = x + self.drop(self.cross_attn(self.norm2(x), vis, vis_mask))
+        x = x + self.drop(self.cross_attn(self.norm2(x), vis, vis_mask, index, first))
         return x + self.drop(self.ffn(self.norm3(x)))
 
 
@@ -66,11 +81,12 @@ class FusionEncoder(nn.Module):
         self.layers = nn.ModuleList(FusionLayer(width, vision_width, cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(width)
 
-    def forward(self, text: torch.Tensor, text_atts: torch.Tensor, vis: torch.Tensor,
-                vis_mask: torch.Tensor) -> torch.Tensor:
-        """text [M, L, Dt], text_atts [M, L] (1 = token, 0 = padding), vis [M, V, Dv], vis_mask [M, V] bool
-        -> [M, L, Dt]."""
+    def forward(self, text: torch.Tensor, text_atts: torch.Tensor, vis: torch.Tensor, vis_mask: torch.Tensor,
+                index: torch.Tensor | None = None, first: torch.Tensor | None = None) -> torch.Tensor:
+        """text [M, L, Dt], text_atts [M, L] (1 = token, 0 = padding), vis [N, V, Dv] with index [M] (text ->
+        row of vis; None: N = M, row i for text i), vis_mask [M, V] bool, first [M, Dv] or None (replaces
+        vision token 0 per text) -> [M, L, Dt]."""
         text_mask = text_atts.bool()
         for layer in self.layers:
-            text = layer(text, text_mask, vis, vis_mask)
+            text = layer(text, text_mask, vis, vis_mask, index, first)
         return self.norm(text)

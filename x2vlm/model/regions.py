@@ -24,13 +24,12 @@ def box_to_patch_mask(boxes: torch.Tensor, image_size: int, patch_size: int) -> 
 
 
 def pool_regions(vis: torch.Tensor, image_idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """vis [N, 1 + P, D] (each image once), image_idx [M] (text -> image), mask [M, 1 + P] -> [M, 1 + P, D]:
-    per text its image's tokens with token 0 replaced by the mean of the patches inside its box. For an all-ones
-    mask that is the image's mean token; a mask with no patch gives a zero token."""
+    """vis [N, 1 + P, D] (each image once), image_idx [M] (text -> image), mask [M, 1 + P] -> region tokens
+    [M, D]: the mean of the patches inside each text's box. For an all-ones mask that is the image's mean token;
+    a mask with no patch gives a zero token."""
     patches = vis[image_idx, 1:]
     m = mask[:, 1:].to(patches.dtype)
-    region = torch.bmm(m[:, None, :], patches)[:, 0] / m.sum(1, keepdim=True).clamp(min=1)
-    return torch.cat([region[:, None], patches], dim=1)
+    return torch.bmm(m[:, None, :], patches)[:, 0] / m.sum(1, keepdim=True).clamp(min=1)
 
 
 def xywh_to_cxcywh_norm(boxes: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -85,24 +85,31 @@ class X2VLM(nn.Module):
         return self.text_proj(text_tokens[..., 0, :])
 
     def fuse(self, text_tokens: torch.Tensor, text_atts: torch.Tensor, vis_tokens: torch.Tensor,
-             vis_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Text tokens [M, L, Dt] attending to vision tokens [M, V, Dv]; vis_mask [M, V] bool (None = all)."""
+             vis_mask: torch.Tensor | None = None, index: torch.Tensor | None = None,
+             first: torch.Tensor | None = None) -> torch.Tensor:
+        """Text tokens [M, L, Dt] attending to vision tokens. `vis_tokens` [N, V, Dv] holds each image once and
+        `index` [M] names each text's image (None: N = M, or N = 1 shared by all texts); vis_mask [M, V] bool
+        (None = all); `first` [M, Dv] replaces vision token 0 per text (a region token)."""
+        m = text_tokens.shape[0]
+        if index is None and vis_tokens.shape[0] != m:
+            index = torch.zeros(m, dtype=torch.long, device=vis_tokens.device)
         if vis_mask is None:
-            vis_mask = torch.ones(vis_tokens.shape[:2], dtype=torch.bool, device=vis_tokens.device)
-        return self.fusion(text_tokens, text_atts, vis_tokens, vis_mask)
+            vis_mask = torch.ones(m, vis_tokens.shape[1], dtype=torch.bool, device=vis_tokens.device)
+        return self.fusion(text_tokens, text_atts, vis_tokens, vis_mask, index, first)
 
     def itm_logits(self, text_tokens: torch.Tensor, text_atts: torch.Tensor, vis_tokens: torch.Tensor,
-                   vis_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Match / no-match logits [M, 2] (float32; index 1 = match) from the fusion [CLS]."""
-        return self.itm_head(self.fuse(text_tokens, text_atts, vis_tokens, vis_mask)[:, 0]).float()
+                   vis_mask: torch.Tensor | None = None, index: torch.Tensor | None = None,
+                   first: torch.Tensor | None = None) -> torch.Tensor:
+        """Match / no-match logits [M, 2] (float32; index 1 = match) from the fusion [CLS]; arguments as fuse."""
+        return self.itm_head(self.fuse(text_tokens, text_atts, vis_tokens, vis_mask, index, first)[:, 0]).float()
 
-    def predict_boxes(self, visual: torch.Tensor, ids: torch.Tensor, atts: torch.Tensor) -> torch.Tensor:
+    def predict_boxes(self, visual: torch.Tensor, ids: torch.Tensor, atts: torch.Tensor,
+                      index: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised (cx, cy, w, h) [M, 4] for each text, from the fusion [CLS] with the whole image (no mask).
-        `visual`: images [M, 3, H, W] or vision tokens [M, 1 + P, Dv]; one image serves all M texts."""
+        `visual`: images [N, 3, H, W] or vision tokens [N, 1 + P, Dv]; `index` [M] names each text's image
+        (None: N = M, or one image for all texts)."""
         vis = self.encode_image(visual) if visual.dim() == 4 else visual
-        if vis.shape[0] == 1:
-            vis = vis.expand(ids.shape[0], -1, -1)
-        return self.bbox_head(self.fuse(self.encode_text(ids, atts), atts, vis)[:, 0])
+        return self.bbox_head(self.fuse(self.encode_text(ids, atts), atts, vis, index=index)[:, 0])
 
     # --- pre-training / fine-tuning losses -----------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
@@ -114,28 +121,30 @@ class X2VLM(nn.Module):
 
         vis = self.encode_image(batch["images"])  # each unique image once
         vis_mask = box_to_patch_mask(batch["boxes"], size, patch)
-        seq = pool_regions(vis, image_idx, vis_mask)  # per text: [region CLS, all patches]
+        cls = pool_regions(vis, image_idx, vis_mask)  # per text: the mean of the patches in its box
         txt = self.encode_text(ids, atts)
 
-        itc, logits_i2t, logits_t2i = itc_loss(self.image_feat(seq), self.text_feat(txt), self.temperature(),
+        itc, logits_i2t, logits_t2i = itc_loss(self.vision_proj(cls), self.text_feat(txt), self.temperature(),
                                                instance_ids)
 
         # ITM. A pair's positives: texts of the same image (a phrase still matches its own image's sequences)
         # and, when given, texts of the same instance. One hard negative visual sequence per text, one hard
-        # negative text per visual sequence; all 3M pairs go through the fusion encoder together.
+        # negative text per visual sequence; all 3M pairs go through the fusion encoder together, each image's
+        # keys/values computed once.
         positive = image_idx[:, None] == image_idx[None, :]
         if instance_ids is not None:
             positive |= instance_ids[:, None] == instance_ids[None, :]
         neg_img, neg_img_ok = sample_hard_negatives(logits_t2i, positive)
         neg_txt, neg_txt_ok = sample_hard_negatives(logits_i2t, positive)
+        own = torch.arange(len(ids), device=ids.device)
+        visual = torch.cat([own, neg_img, own])  # the visual side of each ITM pair, as a text index
         itm_out = self.itm_logits(torch.cat([txt, txt, txt[neg_txt]]), torch.cat([atts, atts, atts[neg_txt]]),
-                                  torch.cat([seq, seq[neg_img], seq]),
-                                  torch.cat([vis_mask, vis_mask[neg_img], vis_mask]))
+                                  vis, vis_mask[visual], image_idx[visual], cls[visual])
         labels = itm_labels(neg_img_ok, neg_txt_ok)
         itm = itm_loss(itm_out, labels)
 
         # MLM: the masked text fused with its visual sequence; the head runs at masked positions only.
-        fused = self.fuse(self.encode_text(batch["mlm_ids"], atts), atts, seq, vis_mask)
+        fused = self.fuse(self.encode_text(batch["mlm_ids"], atts), atts, vis, vis_mask, image_idx, cls)
         mlm_labels = batch["mlm_labels"]
         masked = mlm_labels != -100
         mlm = mlm_loss(self.mlm_head(fused[masked]), mlm_labels[masked])
@@ -143,7 +152,7 @@ class X2VLM(nn.Module):
         # Box: region texts with the whole image. Runs also with no region text (on zero rows), so that every
         # parameter takes part in every step on every rank, as ZeRO-3 expects.
         region = batch["is_region"]
-        pred = self.bbox_head(self.fuse(txt[region], atts[region], vis[image_idx[region]])[:, 0])
+        pred = self.bbox_head(self.fuse(txt[region], atts[region], vis, index=image_idx[region])[:, 0])
         bbox, giou = box_losses(pred, xywh_to_cxcywh_norm(batch["boxes"][region], size))
 
         w = self.loss_cfg
