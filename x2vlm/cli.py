@@ -13,7 +13,7 @@ def _pretrain(args) -> int:
     from x2vlm.train.loop import pretrain
 
     cfg = load_config(args.config, args.overrides)
-    pretrain(cfg, resume=args.resume)
+    pretrain(cfg, resume=args.resume, stage=args.stage, init=args.init)
     return 0
 
 
@@ -46,6 +46,7 @@ def _evaluate(args) -> int:
     from x2vlm.eval.run import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, image_shards=args.images, region_shards=args.regions,
+                                 video_shards=args.videos, fps=args.fps, max_frames=args.max_frames,
                                  rerank_k=args.rerank_k)
     text = json.dumps(result, indent=2)
     if args.out:
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("pretrain", help="pre-train (run under deepspeed, torchrun, or as one process)")
     t.add_argument("--config", required=True, help="preset name (tiny, base, large) or a YAML file")
     t.add_argument("--resume", default=None, help="'latest' or a checkpoint tag such as step400")
+    t.add_argument("--stage", default=None, help="run only this stage of train.stages")
+    t.add_argument("--init", default=None,
+                   help="start from the weights of an exported checkpoint (a checkpoint or run folder)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.fusion.layers=2")
     t.set_defaults(func=_pretrain)
 
@@ -93,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="run folder or exported checkpoint folder")
     e.add_argument("--images", nargs="*", default=[], help="image-text shards for retrieval")
     e.add_argument("--regions", nargs="*", default=[], help="region shards for grounding")
+    e.add_argument("--videos", nargs="*", default=[], help="video-text shards for video retrieval")
+    e.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second (default 1)")
+    e.add_argument("--max-frames", type=int, default=8, help="most frames per clip (default 8)")
     e.add_argument("--rerank-k", type=int, default=16)
     e.add_argument("--out", default=None, help="write the results JSON here too")
     e.set_defaults(func=_evaluate)

@@ -57,6 +57,15 @@ class FusionConfig:
     heads: int = 12
     intermediate_size: int = 3072
     dropout: float = 0.1
+    vision_positions: bool = True  # add a patch-position table to the vision tokens that cross-attention reads
+
+
+@dataclass
+class VideoConfig:
+    aggregator: str = "mean"  # mean (the original X2-VLM: blind to frame order) | attention (temporal transformer)
+    max_frames: int = 8  # frame embedding table size: the most frames a clip may have
+    layers: int = 1  # attention aggregator: temporal transformer layers
+    heads: int = 4
 
 
 @dataclass
@@ -64,6 +73,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     embed_dim: int = 256
     temp: float = 0.07
     temp_min: float = 0.001
@@ -85,11 +95,14 @@ class LossConfig:
 @dataclass
 class SourceConfig:
     name: str = "images"
-    kind: str = "image"  # image | region
+    kind: str = "image"  # image | region | video
     shards: list = field(default_factory=list)  # tar paths or globs
-    batch_size: int = 8  # images per rank and step
+    batch_size: int = 8  # images (or clips) per rank and step
     weight: float = 1.0  # loss weight of this source in every step
     max_texts: int = 5  # region sources: texts per image (whole-image caption + regions)
+    fps: float = 1.0  # video sources: frames sampled per second of video
+    max_frames: int = 8  # video sources: longer clips are subsampled uniformly
+    min_frames: int = 1  # video sources: shorter clips repeat frames
 
 
 @dataclass
@@ -99,6 +112,14 @@ class DataConfig:
     crop_scale_min: float = 0.5
     hflip: bool = True
     max_skip_fraction: float = 0.1  # stop the run when more than this fraction of samples was bad
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage1"
+    steps: int = 100
+    sources: list = field(default_factory=list)  # names of data.sources used in every step of this stage
+    lr: float = 0.0  # 0 = train.lr
 
 
 @dataclass
@@ -120,6 +141,9 @@ class TrainConfig:
     log_every: int = 10
     wandb_project: str = "x2vlm"
     wandb_mode: str = "offline"  # offline | online | disabled
+    # Stages run one after the other; each later stage starts from the previous stage's final weights with a
+    # fresh optimizer and schedule. Empty: one stage of train.steps steps over all sources.
+    stages: list = field(default_factory=list)  # of StageConfig; train.steps must equal the sum of their steps
 
 
 @dataclass
@@ -131,7 +155,8 @@ class RunConfig:
 
 
 CHOICES = {
-    "data.sources.kind": ("image", "region"),
+    "data.sources.kind": ("image", "region", "video"),
+    "model.video.aggregator": ("mean", "attention"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.wandb_mode": ("offline", "online", "disabled"),
 }
@@ -140,7 +165,9 @@ POSITIVE = {
     "model.vision.heads", "model.text.hidden_size", "model.text.layers", "model.text.heads",
     "model.text.intermediate_size", "model.text.max_len", "model.fusion.layers", "model.fusion.heads",
     "model.fusion.intermediate_size", "model.embed_dim", "model.temp", "data.sources.batch_size",
-    "data.sources.max_texts", "train.steps", "train.lr", "train.grad_accum", "train.save_every", "train.log_every",
+    "data.sources.max_texts", "data.sources.fps", "data.sources.max_frames", "data.sources.min_frames",
+    "model.video.max_frames", "model.video.layers", "model.video.heads", "train.stages.steps", "train.steps",
+    "train.lr", "train.grad_accum", "train.save_every", "train.log_every",
 }
 
 
@@ -194,13 +221,16 @@ def _build(cls, raw: Any, prefix: str):
         value = raw[f.name]
         if dataclasses.is_dataclass(tp):
             kwargs[f.name] = _build(tp, value, key)
-        elif key == "data.sources":
+        elif key in LISTS:
             if not isinstance(value, list):
-                raise ConfigError(f"{key}: expected a list of sources, got {value!r}")
-            kwargs[f.name] = [_build(SourceConfig, v, key) for v in value]
+                raise ConfigError(f"{key}: expected a list, got {value!r}")
+            kwargs[f.name] = [_build(LISTS[key], v, key) for v in value]
         else:
             kwargs[f.name] = _coerce(value, tp, key)
     return cls(**kwargs)
+
+
+LISTS = {"data.sources": SourceConfig, "train.stages": StageConfig}  # lists of sections
 
 
 def _walk(obj, prefix=""):
@@ -239,6 +269,25 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> RunConfig:
     names = [s.name for s in cfg.data.sources]
     if len(set(names)) != len(names):
         raise ConfigError(f"data.sources.name: expected unique names, got {names}")
+    for s in cfg.data.sources:
+        if s.kind == "video" and s.max_frames > cfg.model.video.max_frames:
+            raise ConfigError(f"data.sources.max_frames: source {s.name!r} takes up to {s.max_frames} frames, more "
+                              f"than model.video.max_frames {cfg.model.video.max_frames}")
+        if s.min_frames > s.max_frames:
+            raise ConfigError(f"data.sources.min_frames: source {s.name!r}: expected at most max_frames "
+                              f"{s.max_frames}, got {s.min_frames}")
+    stages = cfg.train.stages
+    if stages:
+        if len({st.name for st in stages}) != len(stages):
+            raise ConfigError(f"train.stages.name: expected unique names, got {[st.name for st in stages]}")
+        for st in stages:
+            unknown = [n for n in st.sources if n not in names]
+            if not st.sources or unknown:
+                raise ConfigError(f"train.stages.sources: stage {st.name!r} must name sources among {names}, "
+                                  f"got {st.sources}")
+        total = sum(st.steps for st in stages)
+        if cfg.train.steps != total:
+            raise ConfigError(f"train.steps: expected the sum of the stages' steps ({total}), got {cfg.train.steps}")
     if check_paths:
         for path_key, path in (("model.vision.init_checkpoint", v.init_checkpoint),
                                ("model.text.init_checkpoint", cfg.model.text.init_checkpoint)):

@@ -2,7 +2,8 @@
 
 Generates ShapesWorld data, trains a WordPiece tokenizer on it, writes WebDataset shards, pre-trains the tiny
 preset with 2 ranks under the deepspeed launcher (ZeRO-2; bf16 where the hardware supports it), evaluates
-retrieval and grounding on held-out images and writes `OUT/results.json`.
+retrieval and grounding on held-out images (and video retrieval on held-out clips when the preset has a video
+stage) and writes `OUT/results.json`.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def prepare_data(out: Path, n_train: int, n_heldout: int, seed: int, image_size: int, shards_per_source: int):
-    """ShapesWorld train and held-out splits as shards, and a tokenizer trained on the training texts."""
+def prepare_data(out: Path, n_train: int, n_heldout: int, seed: int, image_size: int, shards_per_source: int,
+                 n_train_clips: int = 0, n_heldout_clips: int = 0):
+    """ShapesWorld train and held-out splits as shards (images, and video clips when asked), and a tokenizer
+    trained on the training texts."""
     from x2vlm.data.shapesworld import corpus, generate
     from x2vlm.data.shards import write_shards
     from x2vlm.data.tokenizer import train_tokenizer
@@ -29,7 +32,7 @@ def prepare_data(out: Path, n_train: int, n_heldout: int, seed: int, image_size:
     data = out / "data"
     train = generate("train", n_train, seed=seed, image_size=image_size)
     heldout = generate("heldout", n_heldout, seed=seed + 1, image_size=image_size)
-    train_tokenizer(corpus(train), str(out / "tokenizer"))
+    texts = corpus(train)
     per = -(-n_train // shards_per_source)
     paths = {
         # One set of training images serves both sources: as captioned images, and with their regions.
@@ -39,6 +42,20 @@ def prepare_data(out: Path, n_train: int, n_heldout: int, seed: int, image_size:
     unseen = sum(bool(s.get("unseen")) for s in heldout)
     _say(f"{n_train} training and {n_heldout} held-out images ({unseen} held-out images show a colour-shape "
          f"pair never seen in training); {len(paths['train'])} training shards")
+    if n_train_clips:
+        from video.shards import write_video_shards
+        from x2vlm.data.shapesworld_video import generate_clips, shard_samples, video_corpus
+
+        clips = generate_clips("train", n_train_clips, seed=seed, size=image_size)
+        held = generate_clips("heldout", n_heldout_clips, seed=seed + 1, size=image_size)
+        texts += video_corpus(clips)
+        paths["train_video"] = write_video_shards(shard_samples(clips), str(data), "train-video",
+                                                  -(-n_train_clips // shards_per_source))
+        paths["heldout_video"] = write_video_shards(shard_samples(held), str(data), "heldout-video",
+                                                    max(1, n_heldout_clips))
+        _say(f"{n_train_clips} training and {n_heldout_clips} held-out video clips (mp4, "
+             f"{len(paths['train_video'])} training shards)")
+    train_tokenizer(texts, str(out / "tokenizer"))
     return paths
 
 
@@ -75,31 +92,43 @@ def summary_table(results: dict) -> str:
         ("grounding, %d phrases" % g["n"], "model", "random shape"),
         ("accuracy at IoU 0.5", f"{g['acc_iou50']:.3f}", f"{g['random_shape_baseline_acc_iou50']:.3f}"),
         ("mean IoU", f"{g['mean_iou']:.3f}", ""),
+        ("right shape picked", f"{g['right_shape']:.3f}", ""),
     ]
+    if "video_retrieval" in results:
+        v = results["video_retrieval"]
+        c = 1.0 / v["pool_size"]
+        rows += [("video retrieval, pool of %d clips (zero-shot)" % v["pool_size"], "model", "chance"),
+                 ("text->video R@1  (ITC)", f"{v['t2v_r1']:.3f}", f"{c:.3f}"),
+                 ("text->video R@5  (ITC)", f"{v['t2v_r5']:.3f}", f"{5 * c:.3f}"),
+                 ("video->text R@1  (ITC)", f"{v['v2t_r1']:.3f}", f"{c:.3f}")]
     w = max(len(a) for a, _, _ in rows)
     return "\n".join(f"{a:<{w}}  {b:>8}  {c:>12}" for a, b, c in rows)
 
 
 def run_demo(out: str = "runs/demo", ranks: int = 2, overrides: list[str] | None = None, n_train: int = 6000,
-             n_heldout: int = 300, seed: int = 0) -> dict:
+             n_heldout: int = 300, seed: int = 0, n_train_clips: int = 1200, n_heldout_clips: int = 200) -> dict:
     from x2vlm.eval.run import evaluate_checkpoint
 
     start = time.time()
     outp = Path(out).resolve()
     outp.mkdir(parents=True, exist_ok=True)
     base = load_config("tiny", overrides, check_paths=False)
+    video = [s for s in base.data.sources if s.kind == "video"]
     paths = prepare_data(outp, n_train, n_heldout, seed, base.model.vision.image_size,
-                         shards_per_source=max(4, 2 * ranks))
-    shard_list = "[" + ",".join(paths["train"]) + "]"
+                         shards_per_source=max(4, 2 * ranks), n_train_clips=n_train_clips if video else 0,
+                         n_heldout_clips=n_heldout_clips if video else 0)
+    shards = {"image": paths["train"], "region": paths["train"], "video": paths.get("train_video")}
     cfg = load_config("tiny", [
-        f"data.sources.0.shards={shard_list}", f"data.sources.1.shards={shard_list}",
+        *(f"data.sources.{i}.shards=[{','.join(shards[s.kind])}]" for i, s in enumerate(base.data.sources)),
         f"model.text.tokenizer={outp / 'tokenizer'}", f"train.out_dir={outp / 'run'}",
         f"train.seed={seed}", *(overrides or [])])
     save_config(cfg, outp / "config.yaml")
     _say(f"data ready in {time.time() - start:.0f}s; pre-training {cfg.train.steps} steps")
     launch_pretrain(outp / "config.yaml", ranks, outp / "pretrain.log")
     _say(f"pre-training done at {time.time() - start:.0f}s; evaluating on held-out images")
-    results = evaluate_checkpoint(str(outp / "run"), image_shards=paths["heldout"], region_shards=paths["heldout"])
+    results = evaluate_checkpoint(str(outp / "run"), image_shards=paths["heldout"], region_shards=paths["heldout"],
+                                  video_shards=paths.get("heldout_video", ()),
+                                  fps=video[0].fps if video else 1.0, max_frames=video[0].max_frames if video else 8)
     results["wall_seconds"] = round(time.time() - start, 1)
     (outp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(summary_table(results), flush=True)

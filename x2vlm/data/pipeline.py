@@ -6,8 +6,11 @@ Batch format (the model's contract):
     (0, 0, W, H) for whole-image captions; is_region [M] bool; skipped {kind: count} (bad input skipped since
     the previous batch of this worker); keys [N].
 An "image" source gives one caption per image (M == N). A "region" source gives per image its caption and up to
-max_texts - 1 randomly chosen region phrases, the texts of one image next to each other. batch_size counts
-images. Training loaders repeat their shards forever; evaluation loaders read them once.
+max_texts - 1 randomly chosen region phrases, the texts of one image next to each other. A "video" source gives
+"videos" [N, F, 3, H, W] (clips sampled at `fps` frames per second, padded to the batch's longest clip) and
+"frame_mask" [N, F] bool instead of "images", and one caption per clip; its frames are resized only (no crop,
+no flip: captions speak of directions). batch_size counts images (clips). Training loaders repeat their shards
+forever; evaluation loaders read them once.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 from x2vlm.config import DataConfig, LossConfig, SourceConfig
 from x2vlm.data.masking import mask_batch
 from x2vlm.data.shards import ShardStream, expand_shards
-from x2vlm.data.transforms import eval_transform, train_transform
+from x2vlm.data.transforms import MEAN, STD, eval_transform, train_transform
 
 
 def add_counts(total: dict, counts) -> None:
@@ -33,8 +36,8 @@ class Batcher:
 
     def __init__(self, kind: str, tokenizer, image_size: int, max_len: int, loss_cfg: LossConfig,
                  max_texts: int = 5, train: bool = True, scale_min: float = 0.5, hflip: bool = True):
-        if kind not in ("image", "region"):
-            raise ValueError(f"source kind: expected 'image' or 'region', got {kind!r}")
+        if kind not in ("image", "region", "video"):
+            raise ValueError(f"source kind: expected 'image', 'region' or 'video', got {kind!r}")
         self.kind, self.tok, self.size, self.max_len, self.loss_cfg = kind, tokenizer, image_size, max_len, loss_cfg
         self.max_texts, self.train, self.scale_min, self.hflip = max_texts, train, scale_min, hflip
 
@@ -67,21 +70,68 @@ class Batcher:
                 boxes.append(box)
                 is_region.append(region)
                 image_idx.append(n)
+        return {"images": torch.stack(images), **self.text_fields(texts, gen),
+                "image_idx": torch.tensor(image_idx, dtype=torch.long),
+                "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                "is_region": torch.tensor(is_region, dtype=torch.bool),
+                "skipped": dict(skipped), "keys": [s["key"] for s in samples]}
+
+    def text_fields(self, texts: list, gen: torch.Generator) -> dict:
+        """Token ids, attention masks and the MLM-masked copy of a batch's texts."""
         enc = self.tok(texts, padding="longest", truncation=True, max_length=self.max_len, return_tensors="pt")
         lc = self.loss_cfg
         mlm_ids, mlm_labels = mask_batch(self.tok, enc, lc.mlm_prob, lc.max_masks, lc.span_prob, gen)
-        return {
-            "images": torch.stack(images),
-            "text_ids": enc["input_ids"].long(),
-            "text_atts": enc["attention_mask"].long(),
-            "mlm_ids": mlm_ids.long(),
-            "mlm_labels": mlm_labels.long(),
-            "image_idx": torch.tensor(image_idx, dtype=torch.long),
-            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "is_region": torch.tensor(is_region, dtype=torch.bool),
-            "skipped": dict(skipped),
-            "keys": [s["key"] for s in samples],
-        }
+        return {"text_ids": enc["input_ids"].long(), "text_atts": enc["attention_mask"].long(),
+                "mlm_ids": mlm_ids.long(), "mlm_labels": mlm_labels.long()}
+
+
+def frames_to_tensor(frames: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [T, 3, size, size], resized (bilinear, antialiased) and normalised as images."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+    if x.shape[-2:] != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)
+    return (x - MEAN) / STD
+
+
+class VideoDecoder:
+    """ShardStream decoder of video samples: frames sampled at `fps` (random offsets when training)."""
+
+    def __init__(self, fps: float, max_frames: int, min_frames: int, train: bool):
+        self.fps, self.max_frames, self.min_frames, self.train = fps, max_frames, min_frames, train
+
+    def __call__(self, key: str, files: dict, rng: np.random.Generator):
+        from video.shards import decode_video_sample
+
+        sample, kind = decode_video_sample(key, files, self.fps, self.max_frames, self.min_frames, self.train, rng)
+        if sample is None:
+            return None, {kind: 1}
+        caption = sample["json"].get("caption")
+        if not isinstance(caption, str):
+            return None, {"missing_caption": 1}
+        if not caption.strip():
+            return None, {"empty_text": 1}
+        sample["json"]["caption"] = caption.strip()
+        return sample, {}
+
+
+class VideoBatcher(Batcher):
+    """Decoded clips -> a batch with "videos", "frame_mask" and one caption per clip."""
+
+    def __call__(self, samples: list, skipped: dict, rng: np.random.Generator, gen: torch.Generator) -> dict:
+        clips = [frames_to_tensor(s["frames"], self.size) for s in samples]
+        f = max(len(c) for c in clips)
+        videos = torch.zeros(len(clips), f, 3, self.size, self.size)
+        frame_mask = torch.zeros(len(clips), f, dtype=torch.bool)
+        for i, c in enumerate(clips):
+            videos[i, :len(c)] = c
+            frame_mask[i, :len(c)] = True
+        n = len(samples)
+        return {"videos": videos, "frame_mask": frame_mask,
+                **self.text_fields([s["json"]["caption"] for s in samples], gen),
+                "image_idx": torch.arange(n), "boxes": torch.tensor([[0.0, 0.0, self.size, self.size]] * n),
+                "is_region": torch.zeros(n, dtype=torch.bool), "skipped": dict(skipped),
+                "keys": [s["key"] for s in samples]}
 
 
 class SourceBatches(torch.utils.data.IterableDataset):
@@ -116,10 +166,13 @@ def build_loader(source: SourceConfig, data_cfg: DataConfig, tokenizer, image_si
     """A DataLoader of batches of one source: endless and augmented when `train`, one plain pass otherwise."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenise; no threads inside them
     workers = data_cfg.num_workers
+    video = source.kind == "video"
+    decode = VideoDecoder(source.fps, source.max_frames, source.min_frames, train) if video else None
     stream = ShardStream(source.shards, seed=seed, infinite=train, shuffle=train, rank=rank,
-                         world_size=world_size, num_workers=workers)
-    batcher = Batcher(source.kind, tokenizer, image_size, max_len, loss_cfg, source.max_texts, train,
-                      data_cfg.crop_scale_min, data_cfg.hflip)
+                         world_size=world_size, num_workers=workers, decode=decode)
+    batcher = (VideoBatcher if video else Batcher)(source.kind, tokenizer, image_size, max_len, loss_cfg,
+                                                    source.max_texts, train, data_cfg.crop_scale_min,
+                                                    data_cfg.hflip)
     return torch.utils.data.DataLoader(SourceBatches(stream, batcher, source.batch_size, seed), batch_size=None,
                                        num_workers=workers, persistent_workers=workers > 0,
                                        pin_memory=torch.cuda.is_available())

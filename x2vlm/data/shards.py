@@ -176,6 +176,11 @@ def decode_sample(key: str, files: dict):
     return {"key": key, "image": image, "json": meta}, ({"bad_box": dropped} if dropped else {})
 
 
+def decode_image_sample(key: str, files: dict, rng=None):
+    """ShardStream's default decoder: image samples (decode_sample); `rng` is not needed."""
+    return decode_sample(key, files)
+
+
 def dist_info(rank: int | None = None, world_size: int | None = None):
     """(rank, world size): explicit arguments, else torch.distributed, else RANK / WORLD_SIZE, else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -197,8 +202,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, shards, seed: int = 0, infinite: bool = True, shuffle: bool = True, buffer: int = 64,
-                 rank: int | None = None, world_size: int | None = None, num_workers: int | None = None):
+                 rank: int | None = None, world_size: int | None = None, num_workers: int | None = None,
+                 decode=None):
+        """`decode(key, files, rng)` -> (sample or None, {kind: count}); default: image samples (decode_sample).
+        `rng` is a numpy Generator private to this rank, worker and epoch (e.g. for random frame offsets)."""
         self.shards = expand_shards(shards)
+        self.decode = decode or decode_image_sample
         self.seed, self.infinite, self.shuffle, self.buffer = seed, infinite, shuffle, buffer
         self.rank, self.world_size = dist_info(rank, world_size)
         self.epoch = 0  # first epoch of the next pass; set_epoch() moves it, each finished pass adds one
@@ -223,10 +232,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         total = self.world_size * num_workers
         return order[self.rank * num_workers + worker::total]
 
-    def read_shard(self, path: str):
+    def read_shard(self, path: str, rng: np.random.Generator):
         try:
             for key, files in tar_samples(path):
-                sample, bad = decode_sample(key, files)
+                sample, bad = self.decode(key, files, rng)
                 if sample is None:
                     yield {"_skipped": bad}
                 else:
@@ -244,9 +253,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             epoch = self.epoch
             self.epoch += 1
             rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
+            decode_rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
             buf: list = []
             for path in self.shards_for(epoch, worker, num_workers):
-                for item in self.read_shard(path):
+                for item in self.read_shard(path, decode_rng):
                     if not self.shuffle or self.buffer <= 1:
                         yield item
                         continue

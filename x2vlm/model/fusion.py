@@ -76,10 +76,20 @@ class FusionLayer(nn.Module):
 
 
 class FusionEncoder(nn.Module):
-    def __init__(self, cfg: FusionConfig, width: int, vision_width: int):
+    def __init__(self, cfg: FusionConfig, width: int, vision_width: int, grid: int):
         super().__init__()
         self.layers = nn.ModuleList(FusionLayer(width, vision_width, cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(width)
+        # Where each patch is, added to the vision tokens that keys and values are computed from (token 0, the
+        # image or region token, gets row 0). The ViT's own position embedding enters only at its input and
+        # fades with depth; box regression reads positions through cross-attention and learns far sooner with
+        # them at hand. Starts as a 2-D sine-cosine table, learnable.
+        self.vis_pos = None
+        if cfg.vision_positions:
+            from x2vlm.model.vision import sincos_2d
+
+            table = torch.cat([torch.zeros(1, vision_width), sincos_2d(grid, vision_width)])
+            self.vis_pos = nn.Parameter(table[None])
 
     def forward(self, text: torch.Tensor, text_atts: torch.Tensor, vis: torch.Tensor, vis_mask: torch.Tensor,
                 index: torch.Tensor | None = None, first: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,6 +97,10 @@ class FusionEncoder(nn.Module):
         row of vis; None: N = M, row i for text i), vis_mask [M, V] bool, first [M, Dv] or None (replaces
         vision token 0 per text) -> [M, L, Dt]."""
         text_mask = text_atts.bool()
+        if self.vis_pos is not None:
+            pos = self.vis_pos.to(vis.dtype)
+            vis = vis + pos
+            first = None if first is None else first + pos[0, :1]
         for layer in self.layers:
             text = layer(text, text_mask, vis, vis_mask, index, first)
         return self.norm(text)

@@ -1,6 +1,7 @@
 """The X2-VLM model, top to bottom.
 
     images -> vision encoder -> [mean token, patches]          once per unique image   [N, 1 + P, Dv]
+    videos -> every frame through the vision encoder, + frame embedding, temporal aggregation -> the same shape
     texts  -> text encoder   -> tokens                                                  [M, L, Dt]
     per text (gathered by image_idx): its image's tokens with token 0 replaced by the mean of the patches in its
     box (the region CLS), and a cross-attention mask hiding the patches outside the box  [M, 1 + P, Dv]
@@ -22,6 +23,7 @@ from x2vlm.losses import box_losses, itc_loss, itm_labels, itm_loss, mlm_loss, s
 from x2vlm.model.fusion import FusionEncoder
 from x2vlm.model.heads import BoxHead, MLMHead, MLPHead, Projection, Temperature
 from x2vlm.model.regions import box_to_patch_mask, pool_regions, xywh_to_cxcywh_norm
+from x2vlm.model.temporal import TemporalAggregator
 from x2vlm.model.text import TextEncoder
 from x2vlm.model.vision import VisionEncoder
 
@@ -46,13 +48,15 @@ class X2VLM(nn.Module):
         self.vision = VisionEncoder(model_cfg.vision)
         self.text = TextEncoder(model_cfg.text, vocab_size, pad_id)
         dv, dt = self.vision.width, self.text.width
-        self.fusion = FusionEncoder(model_cfg.fusion, width=dt, vision_width=dv)
+        grid = model_cfg.vision.image_size // model_cfg.vision.patch_size
+        self.fusion = FusionEncoder(model_cfg.fusion, width=dt, vision_width=dv, grid=grid)
         self.vision_proj = Projection(dv, model_cfg.embed_dim)
         self.text_proj = Projection(dt, model_cfg.embed_dim)
         self.temperature = Temperature(model_cfg.temp, model_cfg.temp_min, model_cfg.temp_max)
         self.itm_head = MLPHead(dt, 2)
         self.bbox_head = BoxHead(dt)
         self.mlm_head = MLMHead(dt, self.text.vocab_size)
+        self.temporal = TemporalAggregator(model_cfg.video, dv)  # initialises itself (see temporal.py)
         for fresh in (self.fusion, self.vision_proj, self.text_proj, self.itm_head, self.bbox_head, self.mlm_head):
             fresh.apply(init_fresh)
 
@@ -71,6 +75,22 @@ class X2VLM(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images [N, 3, H, W] -> [N, 1 + P, Dv]: mean patch token, then the patch tokens."""
         return self.vision(images)
+
+    def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """frames [B, F, 3, H, W], frame_mask [B, F] bool (None = all real) -> [B, 1 + P, Dv], shaped like one
+        image: all B * F frames through the image encoder as one batch, then the temporal aggregator."""
+        b, f = frames.shape[:2]
+        if frame_mask is None:
+            frame_mask = torch.ones(b, f, dtype=torch.bool, device=frames.device)
+        tokens = self.encode_image(frames.flatten(0, 1))
+        return self.temporal(tokens.view(b, f, *tokens.shape[1:]), frame_mask)
+
+    def encode_visual(self, batch: dict) -> torch.Tensor:
+        """Vision tokens of a batch's images ("images" [N, 3, H, W]) or clips ("videos" [N, F, 3, H, W] with
+        "frame_mask" [N, F])."""
+        if "videos" in batch:
+            return self.encode_video(batch["videos"], batch.get("frame_mask"))
+        return self.encode_image(batch["images"])
 
     def encode_text(self, ids: torch.Tensor, atts: torch.Tensor) -> torch.Tensor:
         """ids, atts [M, L] -> [M, L, Dt]."""
@@ -119,7 +139,7 @@ class X2VLM(nn.Module):
         ids, atts, image_idx = batch["text_ids"], batch["text_atts"], batch["image_idx"]
         instance_ids = batch.get("instance_ids")
 
-        vis = self.encode_image(batch["images"])  # each unique image once
+        vis = self.encode_visual(batch)  # each unique image (or clip) once
         vis_mask = box_to_patch_mask(batch["boxes"], size, patch)
         cls = pool_regions(vis, image_idx, vis_mask)  # per text: the mean of the patches in its box
         txt = self.encode_text(ids, atts)
@@ -160,6 +180,8 @@ class X2VLM(nn.Module):
         if region.any():
             out.update(bbox=bbox, giou=giou)
         out["loss"] = w.itc * itc + w.itm * itm + w.mlm * mlm + w.bbox * bbox + w.giou * giou
+        if "videos" not in batch:  # the temporal parameters take part (with zero gradient), as ZeRO-3 expects
+            out["loss"] = out["loss"] + sum(p.sum() for p in self.temporal.parameters()) * 0.0
         with torch.no_grad():
             scored = labels != -100
             out["itm_acc"] = (itm_out.argmax(-1) == labels)[scored].float().mean()

@@ -3,6 +3,8 @@ self-contained export for everything else: `model.safetensors` + `config.yaml` +
 no code from the file and no renaming."""
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,6 +15,7 @@ from x2vlm.config import RunConfig, from_dict, save_config, to_dict
 from x2vlm.train import distributed as dist_util
 
 WEIGHTS = "model.safetensors"
+STATE = "run_state.json"  # step, stage, and where the stage's starting weights came from
 
 
 def checkpoint_dir(cfg: RunConfig) -> Path:
@@ -53,12 +56,13 @@ def save(engine, cfg: RunConfig, step: int, extra: dict | None = None) -> Path:
     weights = full_state_dict(engine)
     if weights is not None:
         export_weights(weights, cfg, root / tag, cfg.model.text.tokenizer)
+        (root / tag / STATE).write_text(json.dumps({k: v for k, v in state.items() if k != "config"}, indent=1))
     dist_util.barrier()
     return root / tag
 
 
-def resume(engine, cfg: RunConfig, which: str) -> int:
-    """Load `latest` or a named tag into the engine; returns the step to continue from."""
+def resolve_tag(cfg: RunConfig, which: str) -> str:
+    """The checkpoint tag that `latest` (or a named tag) stands for; FileNotFoundError when there is none."""
     root = checkpoint_dir(cfg)
     if which == "latest":
         if not (root / "latest").exists():
@@ -66,11 +70,30 @@ def resume(engine, cfg: RunConfig, which: str) -> int:
         which = (root / "latest").read_text().strip()
     if not (root / which).is_dir():
         raise FileNotFoundError(f"--resume {which}: no checkpoint {root / which}")
+    return which
+
+
+def step_of(cfg: RunConfig, which: str) -> int:
+    """The step a checkpoint (`latest` or a tag) was taken after, read from its run state."""
+    tag = resolve_tag(cfg, which)
+    state = read_state(checkpoint_dir(cfg) / tag)
+    return int(state["step"])
+
+
+def read_state(folder: Path) -> dict:
+    """The run state (step, stage, config, ...) saved beside a checkpoint."""
+    return json.loads((Path(folder) / STATE).read_text())
+
+
+def resume(engine, cfg: RunConfig, which: str) -> dict:
+    """Load `latest` or a named tag into the engine; returns its run state (step, stage, init_from, ...)."""
+    root = checkpoint_dir(cfg)
+    which = resolve_tag(cfg, which)
     path, state = engine.load_checkpoint(str(root), tag=which)
     if path is None:
         raise FileNotFoundError(f"--resume {which}: nothing loaded from {root / which}")
     verify_loaded(engine, root / which)
-    return int(state["step"])
+    return state
 
 
 def verify_loaded(engine, folder: Path) -> None:
@@ -105,9 +128,31 @@ def find_export(path: str | Path) -> Path:
     raise FileNotFoundError(f"no {WEIGHTS} in {p}, nor in a latest checkpoint under it")
 
 
+def weights_sha256(path: str | Path) -> str:
+    """sha256 of the weights file of an exported checkpoint (folder, run folder or checkpoints folder)."""
+    digest = hashlib.sha256()
+    with open(find_export(path) / WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, allow_missing: bool = True) -> None:
+    """Weights of an exported checkpoint into `model` (weights only, no code from the file). Parameters the file
+    lacks keep their fresh initialisation when `allow_missing` (e.g. parts a later stage adds); a tensor the model
+    does not have, or of another shape, is an error."""
+    from safetensors.torch import load_file
+
+    file = find_export(path) / WEIGHTS
+    missing, unexpected = model.load_state_dict(load_file(str(file)), strict=False)
+    if unexpected or (missing and not allow_missing):
+        raise RuntimeError(f"{file} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if missing and dist_util.is_main():
+        print(f"[x2vlm] {len(missing)} tensors not in {file} keep their fresh initialisation: {missing[:5]}")
+
+
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer, cfg) from an exported checkpoint folder; loads weights only, never code."""
-    from safetensors.torch import load_file
 
     import yaml
 
@@ -119,8 +164,5 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu"):
     tok_dir = folder / "tokenizer"
     tokenizer = load_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.model.text.tokenizer)
     model = X2VLM(cfg.model, cfg.loss, vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id)
-    missing, unexpected = model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{folder / WEIGHTS} does not fit the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+    load_weights(model, folder, allow_missing=False)
     return model.to(device).eval(), tokenizer, cfg

@@ -47,15 +47,16 @@ def resolve_precision(ds: dict, requested: str) -> str:
     return prec
 
 
-def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
+def build_ds_config(cfg: RunConfig, world_size: int, sources: list | None = None) -> dict:
     """Load the JSON named by train.ds_config; fill its "auto" entries from the run configuration and refuse
-    values that disagree with it. One micro-batch is one step's images over all sources, per rank."""
+    values that disagree with it. One micro-batch is one step's images over the sources (names; default all)
+    of the stage, per rank."""
     path = ds_config_path(cfg.train.ds_config)
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"train.ds_config: {path} is not valid JSON: {e}") from None
-    micro = sum(s.batch_size for s in cfg.data.sources) or 1
+    micro = sum(s.batch_size for s in cfg.data.sources if sources is None or s.name in sources) or 1
     wanted = {
         "train_micro_batch_size_per_gpu": (micro, "the sum of data.sources.batch_size"),
         "gradient_accumulation_steps": (cfg.train.grad_accum, "train.grad_accum"),

@@ -2,6 +2,7 @@
 steps the DeepSpeed engine. Metrics go to the console, a JSONL file and wandb; checkpoints every N steps."""
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from x2vlm.config import ConfigError, RunConfig, save_config, to_dict
+from x2vlm.config import ConfigError, RunConfig, StageConfig, save_config, to_dict
 from x2vlm.train import checkpoint, distributed as dist_util
 from x2vlm.train.engine import build_ds_config, build_engine, precision_of
 from x2vlm.train.metrics import Metrics
@@ -33,7 +34,7 @@ def to_device(batch: dict, device, float_dtype) -> dict:
     for k, v in batch.items():
         if torch.is_tensor(v):
             v = v.to(device, non_blocking=True)
-            if k == "images":
+            if k in ("images", "videos"):
                 v = v.to(float_dtype)
         out[k] = v
     return out
@@ -90,40 +91,103 @@ class SkipMonitor:
                                     f"data.max_skip_fraction {self.limit:.1%}): {detail}")
 
 
-def pretrain(cfg: RunConfig, resume: str | None = None) -> dict:
-    """Runs on every rank. Returns the last step's metrics (rank 0's view)."""
-    from x2vlm.data.pipeline import build_loaders
+def plan_stages(cfg: RunConfig) -> list[tuple[StageConfig, int, int]]:
+    """(stage, first step, end step) in run order; steps are counted over the whole run. No declared stages: one
+    stage "main" over all sources for train.steps steps."""
+    stages = cfg.train.stages or [StageConfig(name="main", steps=cfg.train.steps,
+                                              sources=[s.name for s in cfg.data.sources])]
+    out, begin = [], 0
+    for st in stages:
+        out.append((st, begin, begin + st.steps))
+        begin += st.steps
+    return out
 
+
+def stage_train_config(cfg: RunConfig, stage: StageConfig):
+    """The optimiser settings of one stage: its own step count and learning rate, a fresh schedule."""
+    return dataclasses.replace(cfg.train, steps=stage.steps, lr=stage.lr or cfg.train.lr,
+                               warmup_steps=min(cfg.train.warmup_steps, stage.steps))
+
+
+def pretrain(cfg: RunConfig, resume: str | None = None, stage: str | None = None, init: str | None = None) -> dict:
+    """Runs on every rank; returns the last step's metrics (rank 0's view).
+
+    Stages run in order. The first starts from `init` (an exported checkpoint, weights only) or from the
+    backbones' own initialisation; each later stage starts from the weights its predecessor ended with, with a
+    fresh optimiser and schedule, and records where its weights came from in its checkpoints. `stage` runs that
+    stage alone (its first step is where the plan puts it), starting from `init` when given. `resume` continues
+    an interrupted run from its latest (or a named) checkpoint, in whichever stage it stopped."""
     dist_util.init_distributed()
     rank, world = dist_util.rank(), dist_util.world_size()
-    seed_everything(cfg.train.seed + rank)
     tokenizer = load_run_tokenizer(cfg)
-    model = build_model(cfg, tokenizer)
-    ds = build_ds_config(cfg, world)
-    opt, sched = build_optimizer(model, cfg.train)
-    engine = build_engine(model, opt, sched, ds)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision_of(ds)]
-
+    plan = plan_stages(cfg)
+    if stage is not None:
+        if stage not in [st.name for st, _, _ in plan]:
+            raise ConfigError(f"--stage: expected one of {[st.name for st, _, _ in plan]}, got {stage!r}")
+        plan = [p for p in plan if p[0].name == stage]
+    start = checkpoint.step_of(cfg, resume) if resume else plan[0][1]
     out = Path(cfg.train.out_dir)
-    start = checkpoint.resume(engine, cfg, resume) if resume else 0
+    metrics = None
     if dist_util.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"[x2vlm] {n_params / 1e6:.2f}M parameters, {world} rank(s), {precision_of(ds)}, "
-              f"ZeRO-{engine.zero_optimization_stage()}, steps {start}..{cfg.train.steps}", flush=True)
+        metrics = Metrics(str(out), plan[-1][2], to_dict(cfg), cfg.train.wandb_mode, cfg.train.wandb_project,
+                          start_step=start)
+    last: dict = {}
+    handoff = {"path": str(init), "sha256": checkpoint.weights_sha256(init)} if init else None
+    for index, (st, begin, end) in enumerate(plan):
+        if start >= end:
+            continue
+        resuming = resume is not None and begin < start
+        seed_everything(cfg.train.seed + rank + start)
+        model = build_model(cfg, tokenizer)
+        if handoff and not resuming:
+            checkpoint.load_weights(model, handoff["path"])
+        tcfg = stage_train_config(cfg, st)
+        opt, sched = build_optimizer(model, tcfg)
+        ds = build_ds_config(cfg, world, sources=st.sources)
+        engine = build_engine(model, opt, sched, ds)
+        state = {"stage": st.name, "stage_index": index, "stage_begin": begin, "stage_end": end}
+        if resuming:
+            loaded = checkpoint.resume(engine, cfg, resume)
+            handoff = loaded.get("init_from")
+        state["init_from"] = handoff
+        if dist_util.is_main():
+            n_params = sum(p.numel() for p in model.parameters())
+            came = f"from {handoff['path']}" if handoff else "from scratch"
+            print(f"[x2vlm] stage {st.name!r} ({', '.join(st.sources)}): {n_params / 1e6:.2f}M parameters, "
+                  f"{world} rank(s), {precision_of(ds)}, ZeRO-{engine.zero_optimization_stage()}, steps "
+                  f"{start}..{end}, weights {came}", flush=True)
+        last = run_stage(engine, sched, precision_of(ds), cfg, st, start, end, metrics, state)
+        handoff = {"path": str(checkpoint.checkpoint_dir(cfg) / f"step{end}"), "stage": st.name, "step": end}
+        handoff["sha256"] = checkpoint.weights_sha256(handoff["path"])
+        start = end
+        del engine, model, opt
+    if metrics:
+        metrics.close()
+    dist_util.barrier()
+    return last
+
+
+def run_stage(engine, sched, precision: str, cfg: RunConfig, stage: StageConfig, start: int, end: int, metrics,
+              state: dict) -> dict:
+    """Steps start..end of one stage: one batch of each of the stage's sources per step."""
+    from x2vlm.data.pipeline import build_loaders
+
+    world = dist_util.world_size()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    sources = [s for s in cfg.data.sources if s.name in stage.sources]
     # A resumed run reads its sources with a fresh seed so that it does not repeat the first batches.
-    loaders = build_loaders(cfg.data, tokenizer, image_size=cfg.model.vision.image_size,
-                            max_len=cfg.model.text.max_len, loss_cfg=cfg.loss, seed=cfg.train.seed + start)
+    loaders = build_loaders(dataclasses.replace(cfg.data, sources=sources), load_run_tokenizer(cfg),
+                            image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len,
+                            loss_cfg=cfg.loss, seed=cfg.train.seed + start)
     iters = {name: iter(loader) for name, loader in loaders.items()}
-    weights = {s.name: s.weight for s in cfg.data.sources}
-    metrics = Metrics(str(out), cfg.train.steps, to_dict(cfg), cfg.train.wandb_mode, cfg.train.wandb_project,
-                      start_step=start) if dist_util.is_main() else None
+    weights = {s.name: s.weight for s in sources}
     monitor = SkipMonitor(cfg.data.max_skip_fraction)
     engine.train()
     last: dict = {}
     t_last, n_images, wait, window_start = time.perf_counter(), 0, 0.0, start
-    for step in range(start, cfg.train.steps):
+    for step in range(start, end):
         sums: dict[str, float] = {}
         for _ in range(cfg.train.grad_accum):
             total = 0.0
@@ -132,7 +196,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> dict:
                 batch = next(it)
                 wait += time.perf_counter() - t0
                 monitor.add(batch)
-                n_images += int(batch["images"].shape[0])
+                n_images += len(batch["keys"])
                 losses = engine(to_device(batch, engine.device, dtype))
                 total = total + weights[name] * losses["loss"]
                 for k, v in losses.items():
@@ -141,12 +205,12 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> dict:
             engine.step()
             sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) / cfg.train.grad_accum
         done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps or done == start + 1:
+        if done % cfg.train.log_every == 0 or done == end or done == start + 1:
             totals = monitor.totals()
             monitor.check(totals)
             now = time.perf_counter()
             grad_norm = engine.get_global_grad_norm()
-            last = {**sums, **totals, "lr": sched.get_last_lr()[0],
+            last = {**sums, **totals, "stage": state["stage_index"], "lr": sched.get_last_lr()[0],
                     "temp": float(engine.module.temperature().detach()),
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "samples_per_s": n_images * world / max(1e-9, now - t_last),
@@ -155,9 +219,6 @@ def pretrain(cfg: RunConfig, resume: str | None = None) -> dict:
             t_last, n_images, wait, window_start = now, 0, 0.0, done
             if metrics:
                 metrics.log(done, last)
-        if done % cfg.train.save_every == 0 or done == cfg.train.steps:
-            checkpoint.save(engine, cfg, done)
-    if metrics:
-        metrics.close()
-    dist_util.barrier()
+        if done % cfg.train.save_every == 0 or done == end:
+            checkpoint.save(engine, cfg, done, extra=state)
     return last

@@ -1,0 +1,93 @@
+"""Videos in the model: frames through the image encoder as one batch, a frame embedding, temporal aggregation;
+mean pooling cannot tell a clip from the same clip played backwards, the attention aggregator can."""
+import pytest
+import torch
+
+from x2vlm.config import load_config
+from x2vlm.model import X2VLM
+
+SIZE = 32
+
+
+def tiny_model(aggregator: str) -> X2VLM:
+    cfg = load_config("tiny", [
+        f"model.vision.image_size={SIZE}", "model.vision.width=64", "model.vision.depth=1", "model.vision.heads=2",
+        "model.text.hidden_size=64", "model.text.layers=1", "model.text.heads=2", "model.text.intermediate_size=128",
+        "model.fusion.layers=1", "model.fusion.heads=2", "model.fusion.intermediate_size=128", "model.embed_dim=32",
+        f"model.video.aggregator={aggregator}", "model.video.max_frames=6", "model.video.heads=2"],
+        check_paths=False)
+    torch.manual_seed(0)
+    return X2VLM(cfg.model, cfg.loss, vocab_size=50, pad_id=0)
+
+
+def randomise_temporal(model: X2VLM) -> None:
+    """The attention aggregator starts as plain mean pooling (zero output projections); give it random weights."""
+    with torch.no_grad():
+        for p in model.temporal.parameters():
+            p.normal_(0, 0.3)
+
+
+def clips(n=2, f=5):
+    return torch.randn(n, f, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+def test_video_is_shaped_like_an_image_and_frames_share_one_encoder_call():
+    model = tiny_model("attention").eval()
+    calls = []
+    model.vision.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    with torch.no_grad():
+        v = model.encode_video(clips())
+        img = model.encode_image(clips()[:, 0])
+    assert v.shape == img.shape == (2, 1 + (SIZE // 8) ** 2, 64)
+    assert calls == [10, 2]  # 2 clips x 5 frames in one call
+
+
+def test_mean_pooling_cannot_tell_the_order_of_frames():
+    model = tiny_model("mean").eval()
+    x = clips()
+    with torch.no_grad():
+        forward, backward = model.encode_video(x), model.encode_video(x.flip(1))
+    assert torch.allclose(forward, backward, atol=1e-5)
+
+
+def test_attention_aggregator_tells_the_order_of_frames():
+    model = tiny_model("attention").eval()
+    x = clips()
+    with torch.no_grad():
+        start = model.encode_video(x), model.encode_video(x.flip(1))
+        assert torch.allclose(*start, atol=1e-5)  # at initialisation it is mean pooling
+        randomise_temporal(model)
+        forward, backward = model.encode_video(x), model.encode_video(x.flip(1))
+    assert (forward - backward).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("aggregator", ["mean", "attention"])
+def test_padding_frames_change_nothing(aggregator):
+    model = tiny_model(aggregator).eval()
+    randomise_temporal(model)
+    x = clips(n=1, f=3)
+    padded = torch.cat([x, torch.randn(1, 2, 3, SIZE, SIZE)], 1)
+    mask = torch.tensor([[True, True, True, False, False]])
+    with torch.no_grad():
+        assert torch.allclose(model.encode_video(x), model.encode_video(padded, mask), atol=1e-5)
+
+
+def test_video_batch_trains_the_frame_embedding_and_image_batch_keeps_it_in_the_graph():
+    model = tiny_model("attention")
+    n = 3
+    ids = torch.randint(5, 50, (n, 6))
+    batch = {"videos": clips(n, 4), "frame_mask": torch.ones(n, 4, dtype=torch.bool), "text_ids": ids,
+             "text_atts": torch.ones_like(ids), "mlm_ids": ids.clone(), "mlm_labels": torch.full_like(ids, -100),
+             "image_idx": torch.arange(n), "boxes": torch.tensor([[0.0, 0, SIZE, SIZE]] * n),
+             "is_region": torch.zeros(n, dtype=torch.bool)}
+    batch["mlm_labels"][:, 2] = ids[:, 2]
+    batch["mlm_ids"][:, 2] = 3
+    out = model(batch)
+    assert {"itc", "itm", "mlm", "loss"} <= set(out) and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert model.temporal.frame_embed.grad.abs().sum() > 0
+    image_batch = {**batch, "images": batch["videos"][:, 0]}
+    del image_batch["videos"], image_batch["frame_mask"]
+    model.zero_grad(set_to_none=True)
+    model(image_batch)["loss"].backward()
+    assert model.temporal.frame_embed.grad is not None and model.temporal.frame_embed.grad.abs().sum() == 0
