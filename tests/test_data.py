@@ -357,3 +357,22 @@ def test_batches_of_both_kinds(world):
     assert sorted(k for b in batches for k in b["keys"]) == sorted(s["key"] for s in world["samples"])
     for b in batches:
         check_batch(b, "region", len(b["keys"]), 24, tok=tok)
+
+
+def test_region_source_without_captions_gives_phrases_only(world):
+    tok = world["tok"]
+    source = SourceConfig(name="regions", kind="region", shards=world["paths"], batch_size=5, max_texts=2,
+                          with_caption=False)
+    batch = next(iter(build_loader(source, DataConfig(num_workers=0), tok, SIZE, 24, LossConfig(), seed=0,
+                                   train=False)))
+    by_key = {s["key"]: s for s in world["samples"]}
+    texts = tok.batch_decode(batch["text_ids"], skip_special_tokens=True)
+    for n, key in enumerate(batch["keys"]):
+        rows = (batch["image_idx"] == n).nonzero().flatten().tolist()
+        regions = by_key[key].get("regions") or []
+        if regions:  # up to max_texts phrases, each a region with its box
+            assert len(rows) == min(2, len(regions)) and batch["is_region"][rows].all()
+            assert [texts[r] for r in rows] == [tok.decode(tok(r["phrase"])["input_ids"], skip_special_tokens=True)
+                                                for r in regions[:2]]
+        else:  # an image without regions still gives its caption
+            assert len(rows) == 1 and not batch["is_region"][rows[0]]

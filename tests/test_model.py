@@ -5,7 +5,8 @@ import torch
 import x2vlm  # noqa: F401  (installs the torchvision shim before timm / transformers load)
 from x2vlm.config import load_config
 from x2vlm.model import X2VLM
-from x2vlm.model.regions import box_to_patch_mask, pool_regions, xywh_to_cxcywh_norm
+from x2vlm.model.regions import box_to_patch_mask, xywh_to_cxcywh_norm
+from x2vlm.ops import box_pool, grid_boxes
 from x2vlm.model.text import TextEncoder
 from x2vlm.model.vision import VisionEncoder
 
@@ -86,21 +87,18 @@ def test_box_to_patch_mask_by_hand():
         assert torch.equal(grid_of(m[j], 4), expected[j]), j
 
 
-def test_pool_regions_matches_a_loop():
+@pytest.mark.parametrize("impl", ["reference", "cpu"])
+def test_region_token_is_the_mean_of_the_patches_in_the_box(impl):
     g = torch.Generator().manual_seed(0)
-    vis = torch.randn(3, 1 + 16, 5, generator=g)
+    feats = torch.randn(3, 16, 5, generator=g)  # 3 images, a 4 x 4 grid
+    boxes = torch.tensor([[0.0, 0, 32, 32], [8, 8, 1, 1], [9, 0, 20, 15], [31, 31, 1, 1]])  # pixels, 8 px patches
     image_idx = torch.tensor([0, 2, 2, 1])
-    mask = torch.rand(4, 17, generator=g) > 0.5
-    mask[:, 0] = True
-    mask[0, 1:] = True  # all ones
-    mask[1, 1:] = False
-    mask[1, 4] = True  # a single patch
-    out = pool_regions(vis, image_idx, mask)
-    assert out.shape == (4, 5)
+    mask = box_to_patch_mask(boxes, 32, 8)[:, 1:]
+    out = box_pool(feats, grid_boxes(boxes, 32, 8), image_idx, 4, impl)
     for j in range(4):
-        inside = [vis[image_idx[j], 1 + p] for p in range(16) if mask[j, 1 + p]]
-        assert torch.allclose(out[j], torch.stack(inside).mean(0), atol=1e-6)
-    assert torch.allclose(out[0], vis[0, 1:].mean(0), atol=1e-6)  # all ones: the image's mean token
+        inside = [feats[image_idx[j], p] for p in range(16) if mask[j, p]]
+        assert torch.allclose(out[j], torch.stack(inside).mean(0), atol=1e-5)
+    assert torch.allclose(out[0], feats[0].mean(0), atol=1e-5)  # the whole image: its mean token
 
 
 def test_fusion_with_shared_image_keys_equals_per_text_sequences():
@@ -218,7 +216,7 @@ def test_model_learns_a_fixed_batch():
         # ITC retrieval on the batch: every text finds its own visual sequence (region CLS) first.
         vis = model.encode_image(batch["images"])
         mask = box_to_patch_mask(batch["boxes"], SIZE, 8)
-        cls = pool_regions(vis, batch["image_idx"], mask)
+        cls = box_pool(vis[:, 1:], grid_boxes(batch["boxes"], SIZE, 8), batch["image_idx"], SIZE // 8)
         txt = model.encode_text(batch["text_ids"], batch["text_atts"])
         sim = model.text_feat(txt) @ model.vision_proj(cls).T
         t2i_acc = float((sim.argmax(1) == torch.arange(len(sim))).float().mean())

@@ -30,6 +30,7 @@ def run(tmp_path_factory):
     paths = prepare_data(out, n_train=1200, n_heldout=100, seed=3, image_size=64, shards_per_source=4)
     shards = "[" + ",".join(paths["train"]) + "]"
     cfg = load_config("tiny", [
+        "train.stages=[]", "data.sources=[{name: images, kind: image}, {name: regions, kind: region, max_texts: 5}]",
         f"data.sources.0.shards={shards}", f"data.sources.1.shards={shards}",
         f"model.text.tokenizer={out / 'tokenizer'}", f"train.out_dir={out / 'run'}",
         f"train.steps={STEPS}", f"train.save_every={STEPS // 2}", "train.log_every=10", "train.warmup_steps=10",

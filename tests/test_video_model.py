@@ -91,3 +91,31 @@ def test_video_batch_trains_the_frame_embedding_and_image_batch_keeps_it_in_the_
     model.zero_grad(set_to_none=True)
     model(image_batch)["loss"].backward()
     assert model.temporal.frame_embed.grad is not None and model.temporal.frame_embed.grad.abs().sum() == 0
+
+
+def test_direction_probe_mean_pooling_is_blind_to_direction():
+    from x2vlm.eval.video import direction_probe, swap_direction
+
+    assert swap_direction("a red circle moves to the left, next to a blue square") == \
+        "a red circle moves to the right, next to a blue square"
+    assert swap_direction("the square slides upwards") == "the square slides downwards"
+    assert swap_direction("a green square turns blue") is None
+    model = tiny_model("attention").eval()
+    randomise_temporal(model)
+    vocab = {}
+
+    def tokenize(texts):
+        ids = [[1] + [2 + vocab.setdefault(w, len(vocab) % 45) for w in t.split()] for t in texts]
+        n = max(map(len, ids))
+        return (torch.tensor([i + [0] * (n - len(i)) for i in ids]),
+                torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids]))
+
+    captions = ["a red circle moves to the left", "a blue square moves up", "a green cross turns red",
+                "the yellow diamond slides downwards", "a white circle is moving right", "a red square moves down"]
+    videos = torch.randn(6, 4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(6, 4, dtype=torch.bool)
+    mask[1, 3:] = False
+    out = direction_probe(model, videos, mask, captions, tokenize)
+    assert out["mean"]["n"] == out["attention"]["n"] == 5
+    assert out["mean"]["forward_acc"] + out["mean"]["reversed_acc"] == pytest.approx(1.0)  # blind by construction
+    assert len(model.temporal.blocks) == 1  # the probe put the temporal transformer back

@@ -75,6 +75,7 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     embed_dim: int = 256
+    box_pool_impl: str = "auto"  # auto | reference | cpu | triton (x2vlm.ops.box_pool)
     temp: float = 0.07
     temp_min: float = 0.001
     temp_max: float = 0.5
@@ -90,6 +91,7 @@ class LossConfig:
     mlm: float = 1.0
     bbox: float = 1.0
     giou: float = 1.0
+    itc_impl: str = "auto"  # auto | reference | chunked | triton (x2vlm.ops.contrastive_loss)
 
 
 @dataclass
@@ -100,6 +102,7 @@ class SourceConfig:
     batch_size: int = 8  # images (or clips) per rank and step
     weight: float = 1.0  # loss weight of this source in every step
     max_texts: int = 5  # region sources: texts per image (whole-image caption + regions)
+    with_caption: bool = True  # region sources: the whole-image caption is one of the image's texts
     fps: float = 1.0  # video sources: frames sampled per second of video
     max_frames: int = 8  # video sources: longer clips are subsampled uniformly
     min_frames: int = 1  # video sources: shorter clips repeat frames
@@ -157,6 +160,8 @@ class RunConfig:
 CHOICES = {
     "data.sources.kind": ("image", "region", "video"),
     "model.video.aggregator": ("mean", "attention"),
+    "model.box_pool_impl": ("auto", "reference", "cpu", "triton"),
+    "loss.itc_impl": ("auto", "reference", "chunked", "triton"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.wandb_mode": ("offline", "online", "disabled"),
 }

@@ -101,6 +101,10 @@ def summary_table(results: dict) -> str:
                  ("text->video R@1  (ITC)", f"{v['t2v_r1']:.3f}", f"{c:.3f}"),
                  ("text->video R@5  (ITC)", f"{v['t2v_r5']:.3f}", f"{5 * c:.3f}"),
                  ("video->text R@1  (ITC)", f"{v['v2t_r1']:.3f}", f"{c:.3f}")]
+    for name, d in results.get("video_direction", {}).items():
+        if d.get("n"):
+            rows.append((f"direction of motion, {name} pooling ({d['n']} clips, fwd+rev)", f"{d['mean_acc']:.3f}",
+                         f"{d['chance']:.3f}"))
     w = max(len(a) for a, _, _ in rows)
     return "\n".join(f"{a:<{w}}  {b:>8}  {c:>12}" for a, b, c in rows)
 

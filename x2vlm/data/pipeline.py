@@ -6,7 +6,8 @@ Batch format (the model's contract):
     (0, 0, W, H) for whole-image captions; is_region [M] bool; skipped {kind: count} (bad input skipped since
     the previous batch of this worker); keys [N].
 An "image" source gives one caption per image (M == N). A "region" source gives per image its caption and up to
-max_texts - 1 randomly chosen region phrases, the texts of one image next to each other. A "video" source gives
+max_texts - 1 randomly chosen region phrases (with_caption: false: up to max_texts phrases and no caption), the
+texts of one image next to each other. A "video" source gives
 "videos" [N, F, 3, H, W] (clips sampled at `fps` frames per second, padded to the batch's longest clip) and
 "frame_mask" [N, F] bool instead of "images", and one caption per clip; its frames are resized only (no crop,
 no flip: captions speak of directions). batch_size counts images (clips). Training loaders repeat their shards
@@ -35,11 +36,15 @@ class Batcher:
     """Decoded samples -> one batch in the format above."""
 
     def __init__(self, kind: str, tokenizer, image_size: int, max_len: int, loss_cfg: LossConfig,
-                 max_texts: int = 5, train: bool = True, scale_min: float = 0.5, hflip: bool = True):
+                 max_texts: int = 5, train: bool = True, scale_min: float = 0.5, hflip: bool = True,
+                 with_caption: bool = True):
         if kind not in ("image", "region", "video"):
             raise ValueError(f"source kind: expected 'image', 'region' or 'video', got {kind!r}")
         self.kind, self.tok, self.size, self.max_len, self.loss_cfg = kind, tokenizer, image_size, max_len, loss_cfg
         self.max_texts, self.train, self.scale_min, self.hflip = max_texts, train, scale_min, hflip
+        # A region source without captions gives up to max_texts phrases per image (an image without regions
+        # then gives its caption); with captions, the caption and up to max_texts - 1 phrases.
+        self.with_caption = with_caption or kind != "region"
 
     def texts_of(self, sample: dict, rng: np.random.Generator):
         """(image tensor, [(text, box, is_region)]) of one sample, after augmentation."""
@@ -51,13 +56,15 @@ class Batcher:
             anchor = int(rng.integers(len(regions))) if regions else None
             tensor, boxes, kept = train_transform(sample["image"], boxes, texts, self.size, rng, self.scale_min,
                                                   self.hflip, anchor)
-            order = rng.permutation(len(kept))[:self.max_texts - 1].tolist()
+            order = rng.permutation(len(kept))[:self.max_texts - self.with_caption].tolist()
         else:
             tensor, boxes = eval_transform(sample["image"], boxes, self.size)
-            kept, order = list(range(len(regions))), list(range(min(len(regions), self.max_texts - 1)))
+            kept = list(range(len(regions)))
+            order = list(range(min(len(regions), self.max_texts - self.with_caption)))
         whole = [0.0, 0.0, float(self.size), float(self.size)]
-        items = [(meta["caption"], whole, False)]
-        items += [(regions[kept[j]]["phrase"], boxes[j], True) for j in order]
+        items = [(regions[kept[j]]["phrase"], boxes[j], True) for j in order]
+        if self.with_caption or not items:
+            items.insert(0, (meta["caption"], whole, False))
         return tensor, items
 
     def __call__(self, samples: list, skipped: dict, rng: np.random.Generator, gen: torch.Generator) -> dict:
@@ -172,7 +179,7 @@ def build_loader(source: SourceConfig, data_cfg: DataConfig, tokenizer, image_si
                          world_size=world_size, num_workers=workers, decode=decode)
     batcher = (VideoBatcher if video else Batcher)(source.kind, tokenizer, image_size, max_len, loss_cfg,
                                                     source.max_texts, train, data_cfg.crop_scale_min,
-                                                    data_cfg.hflip)
+                                                    data_cfg.hflip, source.with_caption)
     return torch.utils.data.DataLoader(SourceBatches(stream, batcher, source.batch_size, seed), batch_size=None,
                                        num_workers=workers, persistent_workers=workers > 0,
                                        pin_memory=torch.cuda.is_available())

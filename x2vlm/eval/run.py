@@ -10,6 +10,7 @@ from x2vlm.data.shards import expand_shards
 from x2vlm.data.transforms import eval_transform
 from x2vlm.eval.grounding import evaluate_grounding
 from x2vlm.eval.retrieval import evaluate_retrieval
+from x2vlm.eval.video import direction_probe
 from x2vlm.train.checkpoint import find_export, load_pretrained, weights_sha256
 
 
@@ -83,4 +84,5 @@ def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rera
         result["video_retrieval"] = {**evaluate_retrieval(model, videos, ids, atts, rerank_k=rerank_k,
                                                           frame_mask=mask),
                                      "fps": fps, "max_frames": max_frames}
+        result["video_direction"] = direction_probe(model, videos, mask, captions, tokenize)
     return result

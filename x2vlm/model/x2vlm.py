@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from x2vlm.config import LossConfig, ModelConfig
-from x2vlm.losses import box_losses, itc_loss, itm_labels, itm_loss, mlm_loss, sample_hard_negatives
+from x2vlm.losses import box_losses, itm_labels, itm_loss, mlm_loss
 from x2vlm.model.fusion import FusionEncoder
 from x2vlm.model.heads import BoxHead, MLMHead, MLPHead, Projection, Temperature
-from x2vlm.model.regions import box_to_patch_mask, pool_regions, xywh_to_cxcywh_norm
+from x2vlm.model.regions import xywh_to_cxcywh_norm
 from x2vlm.model.temporal import TemporalAggregator
 from x2vlm.model.text import TextEncoder
 from x2vlm.model.vision import VisionEncoder
+from x2vlm.ops import box_mask, box_pool, contrastive_loss, grid_boxes
 
 BACKBONES = ("vision.", "text.")  # loaded from pre-trained weights; everything else starts fresh
 
@@ -140,22 +141,24 @@ class X2VLM(nn.Module):
         instance_ids = batch.get("instance_ids")
 
         vis = self.encode_visual(batch)  # each unique image (or clip) once
-        vis_mask = box_to_patch_mask(batch["boxes"], size, patch)
-        cls = pool_regions(vis, image_idx, vis_mask)  # per text: the mean of the patches in its box
+        grid = size // patch
+        gbox = grid_boxes(batch["boxes"], size, patch)
+        patches = box_mask(gbox, grid)
+        vis_mask = torch.cat([torch.ones_like(patches[:, :1]), patches], 1)  # [M, 1 + P]; token 0 always on
+        cls = box_pool(vis[:, 1:], gbox, image_idx, grid, self.cfg.box_pool_impl)  # mean of the box's patches
         txt = self.encode_text(ids, atts)
 
-        itc, logits_i2t, logits_t2i = itc_loss(self.vision_proj(cls), self.text_feat(txt), self.temperature(),
-                                               instance_ids)
+        # ITC, and one hard negative per row in each direction drawn in the same pass. Never a negative: texts
+        # of the same image (a phrase still matches its own image's sequences), or of the same instance when
+        # instance ids are given (then they decide alone).
+        exclude = image_idx if instance_ids is None else instance_ids
+        con = contrastive_loss(self.vision_proj(cls), self.text_feat(txt), self.temperature(), instance_ids,
+                               exclude_ids=exclude, impl=self.loss_cfg.itc_impl)
+        itc = con.loss
+        neg_img, neg_img_ok, neg_txt, neg_txt_ok = con.neg_image, con.neg_image_valid, con.neg_text, con.neg_text_valid
 
-        # ITM. A pair's positives: texts of the same image (a phrase still matches its own image's sequences)
-        # and, when given, texts of the same instance. One hard negative visual sequence per text, one hard
-        # negative text per visual sequence; all 3M pairs go through the fusion encoder together, each image's
-        # keys/values computed once.
-        positive = image_idx[:, None] == image_idx[None, :]
-        if instance_ids is not None:
-            positive |= instance_ids[:, None] == instance_ids[None, :]
-        neg_img, neg_img_ok = sample_hard_negatives(logits_t2i, positive)
-        neg_txt, neg_txt_ok = sample_hard_negatives(logits_i2t, positive)
+        # ITM: all 3M pairs (positives, text + negative visual, negative text + visual) through the fusion encoder
+        # together, each image's keys/values computed once.
         own = torch.arange(len(ids), device=ids.device)
         visual = torch.cat([own, neg_img, own])  # the visual side of each ITM pair, as a text index
         itm_out = self.itm_logits(torch.cat([txt, txt, txt[neg_txt]]), torch.cat([atts, atts, atts[neg_txt]]),
