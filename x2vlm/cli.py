@@ -113,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"x2vlm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from x2vlm.train.loop import NonFiniteLoss, TooManyBadSamples
+
+        if not isinstance(e, (NonFiniteLoss, TooManyBadSamples)):
+            raise
+        print(f"x2vlm {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -141,6 +141,8 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 where the hardware supports it
     seed: int = 42
     save_every: int = 500
+    keep_last: int = 0  # keep only the newest N checkpoints (0 = all)
+    max_bad_steps: int = 5  # steps with a non-finite loss are skipped; this many in a row stop the run
     log_every: int = 10
     wandb_project: str = "x2vlm"
     wandb_mode: str = "offline"  # offline | online | disabled
@@ -172,7 +174,7 @@ POSITIVE = {
     "model.fusion.intermediate_size", "model.embed_dim", "model.temp", "data.sources.batch_size",
     "data.sources.max_texts", "data.sources.fps", "data.sources.max_frames", "data.sources.min_frames",
     "model.video.max_frames", "model.video.layers", "model.video.heads", "train.stages.steps", "train.steps",
-    "train.lr", "train.grad_accum", "train.save_every", "train.log_every",
+    "train.lr", "train.grad_accum", "train.save_every", "train.log_every", "train.max_bad_steps",
 }
 
 

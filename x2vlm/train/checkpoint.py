@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,6 +17,7 @@ from x2vlm.config import RunConfig, from_dict, save_config, to_dict
 from x2vlm.train import distributed as dist_util
 
 WEIGHTS = "model.safetensors"
+PARTIAL = ".partial"  # suffix of a checkpoint folder being written
 STATE = "run_state.json"  # step, stage, and where the stage's starting weights came from
 
 
@@ -48,17 +51,55 @@ def export_weights(state: dict, cfg: RunConfig, folder: Path, tokenizer_dir: str
 
 def save(engine, cfg: RunConfig, step: int, extra: dict | None = None) -> Path:
     """DeepSpeed checkpoint `step{N}` (all ranks take part) with the run config in its client state, plus the
-    weights export in the same folder (rank 0)."""
+    weights export and the run state in the same folder (rank 0).
+
+    Atomic: everything is written under `step{N}.partial`; once every rank is done, rank 0 renames the folder to
+    `step{N}` and only then points `latest` at it (a new file moved over the old one). A crash while saving
+    leaves a `.partial` folder, which the next save removes, and `latest` on the previous checkpoint, which
+    still loads. With train.keep_last = K > 0, checkpoints older than the newest K are deleted afterwards."""
     root = checkpoint_dir(cfg)
     tag = f"step{step}"
+    partial = root / (tag + PARTIAL)
+    if dist_util.is_main() and partial.exists():
+        shutil.rmtree(partial)
+    dist_util.barrier()
     state = {"step": step, "config": to_dict(cfg), **(extra or {})}
-    engine.save_checkpoint(str(root), tag=tag, client_state=state)
+    engine.save_checkpoint(str(root), tag=partial.name, client_state=state, save_latest=False)
     weights = full_state_dict(engine)
     if weights is not None:
-        export_weights(weights, cfg, root / tag, cfg.model.text.tokenizer)
-        (root / tag / STATE).write_text(json.dumps({k: v for k, v in state.items() if k != "config"}, indent=1))
+        export_weights(weights, cfg, partial, cfg.model.text.tokenizer)
+        (partial / STATE).write_text(json.dumps({k: v for k, v in state.items() if k != "config"}, indent=1))
+    dist_util.barrier()
+    if dist_util.is_main():
+        final = root / tag
+        if final.exists():  # the same step saved again (a resumed run that repeats a step)
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        write_latest(root, tag)
+        prune(root, cfg.train.keep_last, keep=tag)
     dist_util.barrier()
     return root / tag
+
+
+def write_latest(root: Path, tag: str) -> None:
+    """Point `latest` at a complete checkpoint: write a new file, then move it over the old one (atomic)."""
+    tmp = root / "latest.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, root / "latest")
+
+
+def checkpoint_steps(root: Path) -> list[int]:
+    """Steps of the complete checkpoints under root, oldest first."""
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"step(\d+)", p.name)) and p.is_dir())
+
+
+def prune(root: Path, keep_last: int, keep: str) -> None:
+    """Delete all but the newest `keep_last` checkpoints (0 = keep all); never the one named `keep`."""
+    if keep_last <= 0:
+        return
+    for step in checkpoint_steps(root)[:-keep_last]:
+        if f"step{step}" != keep:
+            shutil.rmtree(root / f"step{step}")
 
 
 def resolve_tag(cfg: RunConfig, which: str) -> str:

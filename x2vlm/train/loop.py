@@ -23,6 +23,33 @@ class TooManyBadSamples(RuntimeError):
     pass
 
 
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StepGuard:
+    """Skips steps whose loss is not finite on some rank (every rank skips together) and stops the run after
+    `limit` consecutive ones. A skipped step changes no weight and no optimiser state, so every checkpoint,
+    also one saved right after skipped steps, holds the weights of the last good step."""
+
+    def __init__(self, limit: int):
+        self.limit, self.skipped, self.consecutive = limit, 0, 0
+
+    def finite(self, loss: torch.Tensor, step: int) -> bool:
+        ok = torch.isfinite(loss.detach().float()).all().float().reshape(1)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if bool(ok.item()):
+            self.consecutive = 0
+            return True
+        self.skipped += 1
+        self.consecutive += 1
+        if self.consecutive >= self.limit:
+            raise NonFiniteLoss(f"step {step + 1}: the loss was not finite in {self.consecutive} consecutive steps "
+                                f"(train.max_bad_steps {self.limit}); stopping, the last checkpoint is intact")
+        return False
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -184,6 +211,7 @@ def run_stage(engine, sched, precision: str, cfg: RunConfig, stage: StageConfig,
     iters = {name: iter(loader) for name, loader in loaders.items()}
     weights = {s.name: s.weight for s in sources}
     monitor = SkipMonitor(cfg.data.max_skip_fraction)
+    guard = StepGuard(cfg.train.max_bad_steps)
     engine.train()
     last: dict = {}
     t_last, n_images, wait, window_start = time.perf_counter(), 0, 0.0, start
@@ -201,8 +229,11 @@ def run_stage(engine, sched, precision: str, cfg: RunConfig, stage: StageConfig,
                 total = total + weights[name] * losses["loss"]
                 for k, v in losses.items():
                     sums[f"{name}/{k}"] = sums.get(f"{name}/{k}", 0.0) + float(v.detach()) / cfg.train.grad_accum
-            engine.backward(total)
-            engine.step()
+            if guard.finite(total, step):
+                engine.backward(total)
+                engine.step()
+            elif cfg.train.grad_accum > 1:  # the bad micro-batch adds nothing; the others still make the step
+                engine.step()
             sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) / cfg.train.grad_accum
         done = step + 1
         if done % cfg.train.log_every == 0 or done == end or done == start + 1:
@@ -210,7 +241,8 @@ def run_stage(engine, sched, precision: str, cfg: RunConfig, stage: StageConfig,
             monitor.check(totals)
             now = time.perf_counter()
             grad_norm = engine.get_global_grad_norm()
-            last = {**sums, **totals, "stage": state["stage_index"], "lr": sched.get_last_lr()[0],
+            last = {**sums, **totals, "stage": state["stage_index"], "skipped_steps": guard.skipped,
+                    "lr": sched.get_last_lr()[0],
                     "temp": float(engine.module.temperature().detach()),
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "samples_per_s": n_images * world / max(1e-9, now - t_last),

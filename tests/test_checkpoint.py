@@ -1,0 +1,63 @@
+"""Checkpoints are atomic (a crash while saving leaves `latest` on the previous, loadable checkpoint) and old
+ones are pruned by train.keep_last. DeepSpeed's part is stood in for by an engine that writes a file (and can
+die half-way); the 2-rank runs in test_pretrain.py and test_stages.py save and resume through DeepSpeed."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from x2vlm.config import load_config
+from x2vlm.train import checkpoint
+
+
+class Engine:
+    """What checkpoint.save needs of a DeepSpeed engine; `die_after_files` simulates a crash mid-save."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.module = torch.nn.Linear(3, 2)
+        self.die = False
+
+    def zero_optimization_stage(self):
+        return 2
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        assert not save_latest  # `latest` is ours to move, after the checkpoint is complete
+        folder = Path(root) / tag
+        folder.mkdir(parents=True)
+        torch.save({"step": client_state["step"]}, folder / "mp_rank_00_model_states.pt")
+        if self.die:
+            raise KeyboardInterrupt("killed while saving")
+
+
+def cfg_for(tmp_path, keep_last):
+    return load_config("tiny", [f"train.out_dir={tmp_path}", f"train.keep_last={keep_last}"], check_paths=False)
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    cfg, engine = cfg_for(tmp_path, 0), Engine()
+    checkpoint.save(engine, cfg, 10)
+    root = checkpoint.checkpoint_dir(cfg)
+    assert (root / "latest").read_text() == "step10" and checkpoint.step_of(cfg, "latest") == 10
+    with torch.no_grad():
+        engine.module.weight.add_(1.0)
+    engine.die = True
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(engine, cfg, 20)
+    assert (root / "step20.partial").is_dir() and not (root / "step20").exists()
+    assert (root / "latest").read_text() == "step10"
+    assert checkpoint.find_export(cfg.train.out_dir) == root / "step10"  # what loads is the complete one
+    engine.die = False
+    checkpoint.save(engine, cfg, 20)
+    assert not (root / "step20.partial").exists() and (root / "latest").read_text() == "step20"
+    assert checkpoint.read_state(root / "step20")["step"] == 20
+    assert checkpoint.weights_sha256(root / "step20") != checkpoint.weights_sha256(root / "step10")
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    cfg, engine = cfg_for(tmp_path, 2), Engine()
+    for step in (5, 10, 15, 20):
+        checkpoint.save(engine, cfg, step)
+    root = checkpoint.checkpoint_dir(cfg)
+    assert checkpoint.checkpoint_steps(root) == [15, 20]
+    assert checkpoint.step_of(cfg, "latest") == 20

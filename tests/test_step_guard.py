@@ -1,0 +1,74 @@
+"""A non-finite loss skips the step on every rank, is counted, and after train.max_bad_steps in a row stops the
+run; checkpoints stay intact (a skipped step changes no weight). One process (the ranks agree through one
+all-reduce of a flag)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from x2vlm.config import load_config, save_config
+from x2vlm.demo import prepare_data
+from x2vlm.train.loop import NonFiniteLoss, StepGuard
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    from x2vlm.config import load_config
+    from x2vlm.model import X2VLM
+    from x2vlm.train.loop import pretrain
+
+    bad = {int(s) for s in sys.argv[2].split(",") if s}
+    forward, calls = X2VLM.forward, [0]
+
+    def poisoned(self, batch):  # two sources: calls 2k and 2k + 1 make step k + 1
+        out = forward(self, batch)
+        calls[0] += 1
+        if (calls[0] + 1) // 2 in bad:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    X2VLM.forward = poisoned
+    pretrain(load_config(sys.argv[1]))
+""")
+
+
+def test_guard_counts_and_stops():
+    guard = StepGuard(limit=2)
+    assert guard.finite(torch.tensor(1.0), 0) and not guard.finite(torch.tensor(float("inf")), 1)
+    assert guard.finite(torch.tensor(2.0), 2) and guard.skipped == 1 and guard.consecutive == 0
+    assert not guard.finite(torch.tensor(float("nan")), 3)
+    with pytest.raises(NonFiniteLoss, match="2 consecutive"):
+        guard.finite(torch.tensor(float("nan")), 4)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
+    paths = prepare_data(tmp_path, n_train=64, n_heldout=4, seed=2, image_size=64, shards_per_source=1)
+    shards = "[" + ",".join(paths["train"]) + "]"
+    cfg = load_config("tiny", [
+        "train.stages=[]", "data.sources=[{name: images, kind: image}, {name: regions, kind: region}]",
+        f"data.sources.0.shards={shards}", f"data.sources.1.shards={shards}", "data.sources.0.batch_size=4",
+        "data.sources.1.batch_size=4", "data.num_workers=0", "model.text.tokenizer=" + str(tmp_path / "tokenizer"),
+        f"train.out_dir={tmp_path / 'run'}", "train.steps=8", "train.save_every=2", "train.max_bad_steps=3",
+        "train.precision=fp32", "train.wandb_mode=disabled", "train.log_every=1"])
+    save_config(cfg, tmp_path / "c.yaml")
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    # step 3 is bad (skipped, counted); 5, 6, 7 are bad in a row: the run stops at step 7
+    p = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "c.yaml"), "3,5,6,7"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "3 consecutive steps" in p.stderr, p.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 2, 3]
+    ckpts = tmp_path / "run" / "checkpoints"
+    # saved every 2 steps: after the skipped steps 5 and 6 the weights are still those of step 4, untouched
+    assert (ckpts / "latest").read_text() == "step6"
+    from safetensors.torch import load_file
+    four = load_file(str(ckpts / "step4" / "model.safetensors"))
+    six = load_file(str(ckpts / "step6" / "model.safetensors"))
+    assert all(torch.equal(four[k], six[k]) for k in four)
+    two = load_file(str(ckpts / "step2" / "model.safetensors"))
+    assert any(not torch.equal(two[k], four[k]) for k in two)  # step 4 itself was a real step
