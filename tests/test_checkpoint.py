@@ -61,3 +61,23 @@ def test_keep_last_prunes_old_checkpoints(tmp_path):
     root = checkpoint.checkpoint_dir(cfg)
     assert checkpoint.checkpoint_steps(root) == [15, 20]
     assert checkpoint.step_of(cfg, "latest") == 20
+
+
+class Payload:
+    """Unpickling this runs code (it would create a file): what a weights-only loader must refuse."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_deepspeed_files_load_weights_only(tmp_path):
+    loader = checkpoint.weights_only_engine()
+    torch.save({"w": torch.ones(2), "step": 3}, tmp_path / "ok.pt")
+    assert loader.load(str(tmp_path / "ok.pt"))["step"] == 3
+    torch.save({"w": Payload(tmp_path / "pwned")}, tmp_path / "bad.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        loader.load(str(tmp_path / "bad.pt"))
+    assert not (tmp_path / "pwned").exists()

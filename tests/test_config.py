@@ -26,7 +26,7 @@ def test_presets_load_and_override():
     (["train.steps=0"], ["train.steps", "positive"]),
     (["data.sources.5.batch_size=1"], ["data.sources.5", "index"]),
     (["train.lr"], ["key=value"]),
-    (["train.steps=100"], ["train.steps", "sum of the stages' steps (450)"]),
+    (["train.steps=100"], ["train.steps", "sum of the stages' steps (340)"]),
     (["train.stages.1.sources=[images, sound]"], ["train.stages.sources", "'video'", "sound"]),
     (["model.video.aggregator=max"], ["model.video.aggregator", "mean, attention"]),
     (["data.sources.2.max_frames=16"], ["data.sources.max_frames", "model.video.max_frames 8"]),
@@ -49,6 +49,6 @@ def test_missing_paths_are_reported(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = load_config("tiny", ["train.stages.1.steps=7", "train.steps=327"], check_paths=False)
+    cfg = load_config("tiny", ["train.stages.1.steps=7", "train.steps=247"], check_paths=False)
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(str(tmp_path / "c.yaml"), check_paths=False) == cfg

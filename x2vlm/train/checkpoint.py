@@ -126,10 +126,30 @@ def read_state(folder: Path) -> dict:
     return json.loads((Path(folder) / STATE).read_text())
 
 
+def weights_only_engine(config=None):
+    """DeepSpeed's torch checkpoint engine, loading with torch.load(weights_only=True): tensors and plain data
+    only, so no code from the file runs. DeepSpeed's own files hold three more plain-data classes, allowed by
+    name."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    class WeightsOnly(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnly(config)
+
+
 def resume(engine, cfg: RunConfig, which: str) -> dict:
-    """Load `latest` or a named tag into the engine; returns its run state (step, stage, init_from, ...)."""
+    """Load `latest` or a named tag into the engine (weights-only loading); returns its run state (step, stage,
+    init_from, ...)."""
     root = checkpoint_dir(cfg)
     which = resolve_tag(cfg, which)
+    if type(engine.checkpoint_engine).__name__ == "TorchCheckpointEngine":
+        engine.checkpoint_engine = weights_only_engine(engine._config)
     path, state = engine.load_checkpoint(str(root), tag=which)
     if path is None:
         raise FileNotFoundError(f"--resume {which}: nothing loaded from {root / which}")
