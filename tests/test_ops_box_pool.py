@@ -7,11 +7,11 @@ set, and are skipped in a process without it."""
 import importlib
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.triton_interpreted import run_triton_tests_interpreted
 
 import x2vlm  # noqa: F401
 from x2vlm.model.regions import box_to_patch_mask
@@ -118,7 +118,4 @@ def test_triton_matches_reference(dtype):
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETED, reason="triton missing, or already interpreted here")
 def test_interpreted_kernels():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_triton_",
-                          __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+    run_triton_tests_interpreted(__file__)

@@ -8,11 +8,11 @@ cases run in a child pytest started by `test_interpreted_kernels` and are skippe
 import importlib.util
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.triton_interpreted import run_triton_tests_interpreted
 import torch.nn.functional as F
 
 import x2vlm  # noqa: F401
@@ -169,10 +169,7 @@ def test_triton_sampler_distribution_and_exclusions():
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETED, reason="triton missing, or already interpreted here")
 def test_interpreted_kernels():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_triton_",
-                          __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-4000:] + run.stderr[-2000:]
+    run_triton_tests_interpreted(__file__)
 
 
 # --- two gloo ranks ----------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 import warnings
 from pathlib import Path
@@ -31,7 +30,7 @@ from PIL import Image
 from video.decode import read_video_with_duration
 from video.errors import VideoDecodeError
 from video.sampling import uniform_indices
-from x2vlm.data.shards import encode_image, expand_shards, tar_samples
+from x2vlm.data.shards import ShardWriter, encode_image, expand_shards, tar_samples
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
 FORMS = ("mp4", "frames")
@@ -60,55 +59,33 @@ def write_video_shards(samples, out_dir: str, prefix: str, per_shard: int, form:
 
     form="frames" decodes each video here: one that does not decode raises VideoDecodeError, or, when a
     `skipped` dict is given, is left out and counted there as "video_decode"."""
-    import webdataset as wds
-
     if form not in FORMS:
         raise ValueError(f"form: expected one of {', '.join(FORMS)}, got {form!r}")
-    if per_shard < 1:
-        raise ValueError(f"per_shard: expected a positive number, got {per_shard}")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    paths, seen = [], set()
-    stream, writer, count = None, None, 0
-
-    def close():
-        writer.close()
-        stream.close()
-        os.replace(paths[-1] + ".tmp", paths[-1])
-
-    for s in samples:
-        key, meta = str(s["key"]), s.get("json") or {}
-        if "." in key or "/" in key or not key or key in seen:
-            raise ValueError(f"sample key {key!r}: keys must be unique, non-empty and contain no '.' or '/'")
-        if not isinstance(meta, dict) or "_frames" in meta:
-            raise ValueError(f"sample {key!r}: json must be a dict without the reserved field '_frames'")
-        seen.add(key)
-        ext, data = _video_payload(s["video"])
-        record = {"__key__": key}
-        if form == "mp4":
-            record[ext] = data
-        else:
-            try:
-                frames, times, duration = read_video_with_duration(data, fps=fps, max_frames=None, backend=backend)
-            except VideoDecodeError:
-                if skipped is None:
-                    raise
-                _count(skipped, "video_decode")
-                continue
-            meta = {**meta, "_frames": {"fps": fps, "timestamps": times, "duration": duration}}
-            for i, frame in enumerate(frames):
-                record[f"{i:06d}.jpg"] = encode_image(frame, "jpg", quality)
-        record["json"] = json.dumps(meta).encode("utf-8")
-        if writer is None or count == per_shard:
-            if writer is not None:
-                close()
-            paths.append(str(Path(out_dir) / f"{prefix}-{len(paths):06d}.tar"))
-            stream = open(paths[-1] + ".tmp", "wb")
-            writer, count = wds.TarWriter(stream, encoder=False), 0
-        writer.write(record)
-        count += 1
-    if writer is not None:
-        close()
-    return paths
+    with ShardWriter(out_dir, prefix, per_shard) as out:
+        for s in samples:
+            key, meta = str(s["key"]), s.get("json") or {}
+            out.check_key(key)
+            if not isinstance(meta, dict) or "_frames" in meta:
+                raise ValueError(f"sample {key!r}: json must be a dict without the reserved field '_frames'")
+            ext, data = _video_payload(s["video"])
+            record = {"__key__": key}
+            if form == "mp4":
+                record[ext] = data
+            else:
+                try:
+                    frames, times, duration = read_video_with_duration(data, fps=fps, max_frames=None,
+                                                                       backend=backend)
+                except VideoDecodeError:
+                    if skipped is None:
+                        raise
+                    _count(skipped, "video_decode")
+                    continue
+                meta = {**meta, "_frames": {"fps": fps, "timestamps": times, "duration": duration}}
+                for i, frame in enumerate(frames):
+                    record[f"{i:06d}.jpg"] = encode_image(frame, "jpg", quality)
+            record["json"] = json.dumps(meta).encode("utf-8")
+            out.write(record)
+    return out.paths
 
 
 def _frames_sample(key: str, files: dict, meta: dict, fps: float, max_frames, min_frames, train, rng):

@@ -62,44 +62,69 @@ def encode_image(image, image_format: str = "jpg", quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+class ShardWriter:
+    """Records ({"__key__", extension: bytes, ...}) into out_dir/prefix-000000.tar, ... with at most `per_shard`
+    records each. Keys must be unique, non-empty and free of '.' and '/'. Each shard is written under a temporary
+    name and renamed when complete, so a reader never sees half a shard. Use as a context manager; `paths` lists
+    the shards written."""
+
+    def __init__(self, out_dir: str, prefix: str, per_shard: int):
+        if per_shard < 1:
+            raise ValueError(f"per_shard: expected a positive number, got {per_shard}")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        self.out_dir, self.prefix, self.per_shard = out_dir, prefix, per_shard
+        self.paths: list = []
+        self.seen: set = set()
+        self.stream = self.writer = None
+        self.count = 0
+
+    @staticmethod
+    def check_key(key: str) -> None:
+        if not key or "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r}: keys must be non-empty and contain no '.' or '/'")
+
+    def write(self, record: dict) -> None:
+        import webdataset as wds
+
+        key = record["__key__"]
+        self.check_key(key)
+        if key in self.seen:
+            raise ValueError(f"sample key {key!r}: keys must be unique")
+        self.seen.add(key)
+        if self.writer is None or self.count == self.per_shard:
+            self.finish_shard()
+            self.paths.append(str(Path(self.out_dir) / f"{self.prefix}-{len(self.paths):06d}.tar"))
+            self.stream = open(self.paths[-1] + ".tmp", "wb")
+            self.writer, self.count = wds.TarWriter(self.stream, encoder=False), 0
+        self.writer.write(record)
+        self.count += 1
+
+    def finish_shard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.stream.close()
+            os.replace(self.paths[-1] + ".tmp", self.paths[-1])
+            self.writer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.finish_shard()
+
+
 def write_shards(samples, out_dir: str, prefix: str, samples_per_shard: int, image_format: str = "jpg",
                  quality: int = 95) -> list:
     """Write samples {"key", "image" (PIL or uint8 array), "caption", "regions", other JSON-able fields} to
-    out_dir/prefix-000000.tar, ...; returns the shard paths. Each shard is written under a temporary name and
-    renamed when complete."""
-    import webdataset as wds
-
+    out_dir/prefix-000000.tar, ... (see ShardWriter); returns the shard paths."""
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format: expected 'jpg' or 'png', got {image_format!r}")
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard: expected a positive number, got {samples_per_shard}")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    paths, seen = [], set()
-    stream, writer, count = None, None, 0
-
-    def close():
-        writer.close()
-        stream.close()
-        os.replace(paths[-1] + ".tmp", paths[-1])
-
-    for s in samples:
-        key = str(s["key"])
-        if "." in key or "/" in key or key in seen:
-            raise ValueError(f"sample key {key!r}: keys must be unique and contain no '.' or '/'")
-        seen.add(key)
-        if writer is None or count == samples_per_shard:
-            if writer is not None:
-                close()
-            paths.append(str(Path(out_dir) / f"{prefix}-{len(paths):06d}.tar"))
-            stream = open(paths[-1] + ".tmp", "wb")
-            writer, count = wds.TarWriter(stream, encoder=False), 0
-        meta = {k: v for k, v in s.items() if k not in ("key", "image")}
-        writer.write({"__key__": key, image_format: encode_image(s["image"], image_format, quality),
-                      "json": json.dumps(meta).encode("utf-8")})
-        count += 1
-    if writer is not None:
-        close()
-    return paths
+    with ShardWriter(out_dir, prefix, samples_per_shard) as out:
+        for s in samples:
+            meta = {k: v for k, v in s.items() if k not in ("key", "image")}
+            out.write({"__key__": str(s["key"]), image_format: encode_image(s["image"], image_format, quality),
+                       "json": json.dumps(meta).encode("utf-8")})
+    return out.paths
 
 
 def tar_samples(path: str):

@@ -16,14 +16,17 @@ BLOCK_D = 64
 
 
 @triton.jit
+def _box_of(boxes, m):
+    """Box m's (c0, r0, c1, r1)."""
+    return tl.load(boxes + m * 4), tl.load(boxes + m * 4 + 1), tl.load(boxes + m * 4 + 2), tl.load(boxes + m * 4 + 3)
+
+
+@triton.jit
 def _box_sum_fwd(feats, boxes, image_idx, out, P, D, GRID, BLOCK_D: tl.constexpr):
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs < D
-    c0 = tl.load(boxes + m * 4)
-    r0 = tl.load(boxes + m * 4 + 1)
-    c1 = tl.load(boxes + m * 4 + 2)
-    r1 = tl.load(boxes + m * 4 + 3)
+    c0, r0, c1, r1 = _box_of(boxes, m)
     base = feats + tl.load(image_idx + m) * P * D
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for r in range(r0, r1):
@@ -38,10 +41,7 @@ def _box_sum_bwd(grad_out, boxes, image_idx, grad_feats, P, D, GRID, BLOCK_D: tl
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs < D
-    c0 = tl.load(boxes + m * 4)
-    r0 = tl.load(boxes + m * 4 + 1)
-    c1 = tl.load(boxes + m * 4 + 2)
-    r1 = tl.load(boxes + m * 4 + 3)
+    c0, r0, c1, r1 = _box_of(boxes, m)
     area = ((c1 - c0) * (r1 - r0)).to(tl.float32)
     g = tl.load(grad_out + m * D + offs, mask=dmask, other=0.0).to(tl.float32) / area
     base = grad_feats + tl.load(image_idx + m) * P * D
