@@ -34,7 +34,18 @@ def _make_shards(args) -> int:
         if not args.annotations:
             raise ConfigError("make-shards: expected --annotations FILE (or --synthetic)")
         try:
-            paths = annotations_to_shards(args.annotations, args.image_root, args.out, args.prefix, args.per_shard)
+            if args.format == "images":
+                paths = annotations_to_shards(args.annotations, args.image_root, args.out, args.prefix,
+                                              args.per_shard)
+            elif args.format == "video-retrieval":
+                from x2vlm.data.video_formats import retrieval_to_shards
+
+                paths = retrieval_to_shards(args.annotations, args.video_root, args.out, args.prefix, args.per_shard)
+            else:
+                from x2vlm.data.video_formats import videoqa_to_shards
+
+                paths = videoqa_to_shards(args.annotations, args.video_root, args.out, args.prefix, args.per_shard,
+                                          args.ans2label, args.vocab_size)
         except (ValueError, json.JSONDecodeError) as e:
             print(f"x2vlm make-shards: error: {e}", file=sys.stderr)
             return 1
@@ -83,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-shards", help="write WebDataset shards from annotations or synthetic data")
     m.add_argument("--out", required=True)
     m.add_argument("--annotations", help="JSON list or JSONL of {image, caption, regions: [{box, phrase}]}")
+    m.add_argument("--format", default="images", choices=("images", "video-retrieval", "video-qa"),
+                   help="images: {image, caption, regions}; video-retrieval: MSRVTT {video_id, caption}; "
+                        "video-qa: MSRVTT-QA / MSVD-QA {video_id, question, answer}")
     m.add_argument("--image-root", default=".", help="folder that image paths are relative to")
+    m.add_argument("--video-root", default=".", help="folder of the videos (<video_id>.mp4)")
+    m.add_argument("--ans2label", default=None, help="video-qa: answer vocabulary JSON (default: built by frequency)")
+    m.add_argument("--vocab-size", type=int, default=1500, help="video-qa: answers kept when building the vocabulary")
     m.add_argument("--prefix", default="data")
     m.add_argument("--per-shard", type=int, default=1000)
     m.add_argument("--synthetic", action="store_true", help="write ShapesWorld data instead")
