@@ -87,3 +87,25 @@ def test_nothing_usable_fails_with_a_clear_message(tmp_path, videos):
                         str(ann), "--video-root", str(videos), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "no usable entry (1 skipped)" in p.stderr and "missing_video" in p.stdout
+
+
+def test_retrieval_shards_feed_batches_with_video_ids_as_instances(tmp_path, videos):
+    from x2vlm.config import DataConfig, LossConfig, SourceConfig
+    from x2vlm.data.pipeline import build_loader, instance_id
+    from x2vlm.data.tokenizer import train_tokenizer
+
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps([{"video_id": "video1", "caption": "a man is cooking"},
+                               {"video_id": "video1", "caption": "someone cooks pasta"},
+                               {"video_id": "video2", "caption": "a cat"}]))
+    paths = retrieval_to_shards(str(ann), str(videos), str(tmp_path / "out"))
+    tok_dir = tmp_path / "tok"
+    train_tokenizer(["a man is cooking", "someone cooks pasta", "a cat"], str(tok_dir))
+    from x2vlm.data.tokenizer import load_tokenizer
+
+    source = SourceConfig(name="msrvtt", kind="video", shards=paths, batch_size=2, max_frames=2)
+    batch = next(iter(build_loader(source, DataConfig(num_workers=0), load_tokenizer(str(tok_dir)), 32, 16,
+                                   LossConfig(), seed=0)))
+    ids = {k.split("_")[-1]: int(i) for k, i in zip(batch["keys"], batch["instance_ids"])}
+    assert ids == {"video1": instance_id("video1"), "video2": instance_id("video2")}
+    assert batch["videos"].shape[:2] == (2, 2) and batch["frame_mask"].all()

@@ -1,4 +1,4 @@
-"""Command line: `x2vlm demo | pretrain | make-shards | evaluate` (also `python -m x2vlm ...`)."""
+"""Command line: `x2vlm demo | pretrain | finetune | make-shards | evaluate` (also `python -m x2vlm ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,21 @@ def _pretrain(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     pretrain(cfg, resume=args.resume, stage=args.stage, init=args.init)
+    return 0
+
+
+def _finetune(args) -> int:
+    from x2vlm.config import load_config
+    from x2vlm.train.loop import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    wanted = {"video_retrieval": "video", "video_qa": "video_qa"}[args.task]
+    kinds = sorted({s.kind for s in cfg.data.sources})
+    if kinds != [wanted]:
+        raise ConfigError(f"data.sources.kind: --task {args.task} trains on {wanted!r} sources only, got {kinds}")
+    if args.task == "video_qa" and not cfg.model.qa_answers:
+        raise ConfigError("model.qa_answers: --task video_qa needs the answer vocabulary size (e.g. 1500)")
+    pretrain(cfg, resume=args.resume, init=None if args.resume else args.checkpoint)
     return 0
 
 
@@ -58,6 +73,7 @@ def _evaluate(args) -> int:
 
     result = evaluate_checkpoint(args.checkpoint, image_shards=args.images, region_shards=args.regions,
                                  video_shards=args.videos, fps=args.fps, max_frames=args.max_frames,
+                                 videoqa_shards=args.videoqa,
                                  rerank_k=args.rerank_k)
     text = json.dumps(result, indent=2)
     if args.out:
@@ -91,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.fusion.layers=2")
     t.set_defaults(func=_pretrain)
 
+    f = sub.add_parser("finetune", help="fine-tune a pre-trained checkpoint for video retrieval or video QA")
+    f.add_argument("--task", required=True, choices=("video_retrieval", "video_qa"))
+    f.add_argument("--config", required=True, help="preset name or a YAML file")
+    f.add_argument("--checkpoint", required=True, help="pre-trained checkpoint (run or checkpoint folder)")
+    f.add_argument("--resume", default=None, help="continue this fine-tuning run: 'latest' or a tag")
+    f.add_argument("overrides", nargs="*", help="dotted overrides")
+    f.set_defaults(func=_finetune)
+
     m = sub.add_parser("make-shards", help="write WebDataset shards from annotations or synthetic data")
     m.add_argument("--out", required=True)
     m.add_argument("--annotations", help="JSON list or JSONL of {image, caption, regions: [{box, phrase}]}")
@@ -115,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", nargs="*", default=[], help="image-text shards for retrieval")
     e.add_argument("--regions", nargs="*", default=[], help="region shards for grounding")
     e.add_argument("--videos", nargs="*", default=[], help="video-text shards for video retrieval")
+    e.add_argument("--videoqa", nargs="*", default=[], help="video QA shards (from make-shards --format video-qa)")
     e.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second (default 1)")
     e.add_argument("--max-frames", type=int, default=8, help="most frames per clip (default 8)")
     e.add_argument("--rerank-k", type=int, default=16)

@@ -76,6 +76,7 @@ class ModelConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
     embed_dim: int = 256
     box_pool_impl: str = "auto"  # auto | reference | cpu | triton (x2vlm.ops.box_pool)
+    qa_answers: int = 0  # video QA: size of the answer vocabulary (a classifier on the fusion [CLS]); 0 = none
     temp: float = 0.07
     temp_min: float = 0.001
     temp_max: float = 0.5
@@ -97,7 +98,7 @@ class LossConfig:
 @dataclass
 class SourceConfig:
     name: str = "images"
-    kind: str = "image"  # image | region | video
+    kind: str = "image"  # image | region | video | video_qa
     shards: list = field(default_factory=list)  # tar paths or globs
     batch_size: int = 8  # images (or clips) per rank and step
     weight: float = 1.0  # loss weight of this source in every step
@@ -160,7 +161,7 @@ class RunConfig:
 
 
 CHOICES = {
-    "data.sources.kind": ("image", "region", "video"),
+    "data.sources.kind": ("image", "region", "video", "video_qa"),
     "model.video.aggregator": ("mean", "attention"),
     "model.box_pool_impl": ("auto", "reference", "cpu", "triton"),
     "loss.itc_impl": ("auto", "reference", "chunked", "triton"),

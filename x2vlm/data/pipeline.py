@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -38,8 +39,8 @@ class Batcher:
     def __init__(self, kind: str, tokenizer, image_size: int, max_len: int, loss_cfg: LossConfig,
                  max_texts: int = 5, train: bool = True, scale_min: float = 0.5, hflip: bool = True,
                  with_caption: bool = True):
-        if kind not in ("image", "region", "video"):
-            raise ValueError(f"source kind: expected 'image', 'region' or 'video', got {kind!r}")
+        if kind not in ("image", "region", "video", "video_qa"):
+            raise ValueError(f"source kind: expected 'image', 'region', 'video' or 'video_qa', got {kind!r}")
         self.kind, self.tok, self.size, self.max_len, self.loss_cfg = kind, tokenizer, image_size, max_len, loss_cfg
         self.max_texts, self.train, self.scale_min, self.hflip = max_texts, train, scale_min, hflip
         # A region source without captions gives up to max_texts phrases per image (an image without regions
@@ -102,10 +103,12 @@ def frames_to_tensor(frames: np.ndarray, size: int) -> torch.Tensor:
 
 
 class VideoDecoder:
-    """ShardStream decoder of video samples: frames sampled at `fps` (random offsets when training)."""
+    """ShardStream decoder of video samples: frames sampled at `fps` (random offsets when training). A sample
+    needs a caption ("video" sources; with "captions", training draws one of them) or question-answer pairs
+    ("video_qa" sources: json "qa": [{"question", "label", ...}])."""
 
-    def __init__(self, fps: float, max_frames: int, min_frames: int, train: bool):
-        self.fps, self.max_frames, self.min_frames, self.train = fps, max_frames, min_frames, train
+    def __init__(self, fps: float, max_frames: int, min_frames: int, train: bool, qa: bool = False):
+        self.fps, self.max_frames, self.min_frames, self.train, self.qa = fps, max_frames, min_frames, train, qa
 
     def __call__(self, key: str, files: dict, rng: np.random.Generator):
         from video.shards import decode_video_sample
@@ -113,31 +116,66 @@ class VideoDecoder:
         sample, kind = decode_video_sample(key, files, self.fps, self.max_frames, self.min_frames, self.train, rng)
         if sample is None:
             return None, {kind: 1}
-        caption = sample["json"].get("caption")
-        if not isinstance(caption, str):
-            return None, {"missing_caption": 1}
-        if not caption.strip():
+        meta = sample["json"]
+        if self.qa:
+            qa = meta.get("qa")
+            ok = isinstance(qa, list) and qa and all(isinstance(q, dict) and isinstance(q.get("question"), str)
+                                                      and isinstance(q.get("label"), int) for q in qa)
+            return (sample, {}) if ok else (None, {"bad_qa": 1})
+        captions = meta.get("captions") if isinstance(meta.get("captions"), list) else [meta.get("caption")]
+        captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+        if not captions:
             return None, {"empty_text": 1}
-        sample["json"]["caption"] = caption.strip()
+        meta["caption"] = captions[int(rng.integers(len(captions)))] if self.train else captions[0]
         return sample, {}
 
 
+def pad_clips(clips: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips [T_i, 3, H, W] -> videos [N, max T, 3, H, W] (zero padding) and frame_mask [N, max T]."""
+    f = max(len(c) for c in clips)
+    videos = clips[0].new_zeros(len(clips), f, *clips[0].shape[1:])
+    frame_mask = torch.zeros(len(clips), f, dtype=torch.bool)
+    for i, c in enumerate(clips):
+        videos[i, :len(c)] = c
+        frame_mask[i, :len(c)] = True
+    return videos, frame_mask
+
+
+def instance_id(name: str) -> int:
+    """A video's id as an integer that every rank computes alike (positives by video id in retrieval)."""
+    return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
+
+
 class VideoBatcher(Batcher):
-    """Decoded clips -> a batch with "videos", "frame_mask" and one caption per clip."""
+    """Decoded clips -> a batch with "videos", "frame_mask" and one caption per clip; clips with a "video_id"
+    also give "instance_ids" (texts of one video are all positives in ITC, never ITM negatives)."""
 
     def __call__(self, samples: list, skipped: dict, rng: np.random.Generator, gen: torch.Generator) -> dict:
-        clips = [frames_to_tensor(s["frames"], self.size) for s in samples]
-        f = max(len(c) for c in clips)
-        videos = torch.zeros(len(clips), f, 3, self.size, self.size)
-        frame_mask = torch.zeros(len(clips), f, dtype=torch.bool)
-        for i, c in enumerate(clips):
-            videos[i, :len(c)] = c
-            frame_mask[i, :len(c)] = True
+        videos, frame_mask = pad_clips([frames_to_tensor(s["frames"], self.size) for s in samples])
         n = len(samples)
-        return {"videos": videos, "frame_mask": frame_mask,
-                **self.text_fields([s["json"]["caption"] for s in samples], gen),
-                "image_idx": torch.arange(n), "boxes": torch.tensor([[0.0, 0.0, self.size, self.size]] * n),
-                "is_region": torch.zeros(n, dtype=torch.bool), "skipped": dict(skipped),
+        batch = {"videos": videos, "frame_mask": frame_mask,
+                 **self.text_fields([s["json"]["caption"] for s in samples], gen),
+                 "image_idx": torch.arange(n), "boxes": torch.tensor([[0.0, 0.0, self.size, self.size]] * n),
+                 "is_region": torch.zeros(n, dtype=torch.bool), "skipped": dict(skipped),
+                 "keys": [s["key"] for s in samples]}
+        ids = [s["json"].get("video_id") for s in samples]
+        if all(isinstance(v, str) for v in ids):
+            batch["instance_ids"] = torch.tensor([instance_id(v) for v in ids])
+        return batch
+
+
+class VideoQABatcher(Batcher):
+    """Decoded clips with questions -> "videos", "frame_mask", the question tokens and "answer_labels" (-1: an
+    answer outside the vocabulary, ignored by the loss). Training draws one question per clip."""
+
+    def __call__(self, samples: list, skipped: dict, rng: np.random.Generator, gen: torch.Generator) -> dict:
+        videos, frame_mask = pad_clips([frames_to_tensor(s["frames"], self.size) for s in samples])
+        picked = [s["json"]["qa"][int(rng.integers(len(s["json"]["qa"])))] for s in samples]
+        enc = self.tok([q["question"] for q in picked], padding="longest", truncation=True, max_length=self.max_len,
+                       return_tensors="pt")
+        return {"videos": videos, "frame_mask": frame_mask, "text_ids": enc["input_ids"].long(),
+                "text_atts": enc["attention_mask"].long(), "image_idx": torch.arange(len(samples)),
+                "answer_labels": torch.tensor([q["label"] for q in picked]), "skipped": dict(skipped),
                 "keys": [s["key"] for s in samples]}
 
 
@@ -173,13 +211,14 @@ def build_loader(source: SourceConfig, data_cfg: DataConfig, tokenizer, image_si
     """A DataLoader of batches of one source: endless and augmented when `train`, one plain pass otherwise."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenise; no threads inside them
     workers = data_cfg.num_workers
-    video = source.kind == "video"
-    decode = VideoDecoder(source.fps, source.max_frames, source.min_frames, train) if video else None
+    video = source.kind in ("video", "video_qa")
+    decode = VideoDecoder(source.fps, source.max_frames, source.min_frames, train,
+                          qa=source.kind == "video_qa") if video else None
     stream = ShardStream(source.shards, seed=seed, infinite=train, shuffle=train, rank=rank,
                          world_size=world_size, num_workers=workers, decode=decode)
-    batcher = (VideoBatcher if video else Batcher)(source.kind, tokenizer, image_size, max_len, loss_cfg,
-                                                    source.max_texts, train, data_cfg.crop_scale_min,
-                                                    data_cfg.hflip, source.with_caption)
+    kind = {"video": VideoBatcher, "video_qa": VideoQABatcher}.get(source.kind, Batcher)
+    batcher = kind(source.kind, tokenizer, image_size, max_len, loss_cfg, source.max_texts, train,
+                   data_cfg.crop_scale_min, data_cfg.hflip, source.with_caption)
     return torch.utils.data.DataLoader(SourceBatches(stream, batcher, source.batch_size, seed), batch_size=None,
                                        num_workers=workers, persistent_workers=workers > 0,
                                        pin_memory=torch.cuda.is_available())

@@ -66,7 +66,7 @@ def load_video_pool(shards, image_size: int, fps: float = 1.0, max_frames: int =
 
 @torch.no_grad()
 def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rerank_k: int = 16,
-                        video_shards=(), fps: float = 1.0, max_frames: int = 8) -> dict:
+                        video_shards=(), fps: float = 1.0, max_frames: int = 8, videoqa_shards=()) -> dict:
     folder = find_export(checkpoint)
     model, tokenizer, cfg = load_pretrained(folder)
     size = cfg.model.vision.image_size
@@ -85,4 +85,12 @@ def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rera
                                                           frame_mask=mask),
                                      "fps": fps, "max_frames": max_frames}
         result["video_direction"] = direction_probe(model, videos, mask, captions, tokenize)
+    if videoqa_shards:
+        from video.shards import iterate_video_samples
+        from x2vlm.eval.videoqa import evaluate_videoqa
+
+        skipped: dict = {}
+        clips = iterate_video_samples(expand_shards(videoqa_shards), fps, max_frames, skipped=skipped)
+        result["video_qa"] = {**evaluate_videoqa(model, clips, tokenize, size), "skipped_clips": skipped,
+                              "fps": fps, "max_frames": max_frames, "aggregator": cfg.model.video.aggregator}
     return result

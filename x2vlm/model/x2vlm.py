@@ -16,6 +16,7 @@ Loss math runs in float32 also when DeepSpeed has cast the module to bf16.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from x2vlm.config import LossConfig, ModelConfig
@@ -58,6 +59,9 @@ class X2VLM(nn.Module):
         self.bbox_head = BoxHead(dt)
         self.mlm_head = MLMHead(dt, self.text.vocab_size)
         self.temporal = TemporalAggregator(model_cfg.video, dv)  # initialises itself (see temporal.py)
+        self.qa_head = MLPHead(dt, model_cfg.qa_answers) if model_cfg.qa_answers else None
+        if self.qa_head is not None:
+            self.qa_head.apply(init_fresh)
         for fresh in (self.fusion, self.vision_proj, self.text_proj, self.itm_head, self.bbox_head, self.mlm_head):
             fresh.apply(init_fresh)
 
@@ -133,9 +137,24 @@ class X2VLM(nn.Module):
         return self.bbox_head(self.fuse(self.encode_text(ids, atts), atts, vis, index=index)[:, 0])
 
     # --- pre-training / fine-tuning losses -----------------------------------------------------------------
+    def qa_logits(self, batch: dict) -> torch.Tensor:
+        """Answer logits [M, answers] (float32) from the fusion [CLS] of each question with its clip (or image)."""
+        vis = self.encode_visual(batch)
+        atts = batch["text_atts"]
+        fused = self.fuse(self.encode_text(batch["text_ids"], atts), atts, vis, index=batch["image_idx"])
+        return self.qa_head(fused[:, 0]).float()
+
     def forward(self, batch: dict) -> dict:
         """Scalar losses "itc", "itm", "mlm" (+ "bbox", "giou" when the batch has region texts), their weighted
         sum "loss", and the detached statistic "itm_acc". See the module docstring for the data flow."""
+        if "answer_labels" in batch:  # video QA: classification over the answer vocabulary
+            if self.qa_head is None:
+                raise ValueError("a video_qa batch needs model.qa_answers > 0 (the answer vocabulary size)")
+            logits, labels = self.qa_logits(batch), batch["answer_labels"]
+            known = labels >= 0
+            loss = F.cross_entropy(logits, labels, ignore_index=-1) if known.any() else logits.sum() * 0.0
+            acc = (logits.argmax(-1) == labels).float().mean().detach()
+            return {"qa": loss, "loss": loss, "qa_acc": acc}
         size, patch = self.cfg.vision.image_size, self.cfg.vision.patch_size
         ids, atts, image_idx = batch["text_ids"], batch["text_atts"], batch["image_idx"]
         instance_ids = batch.get("instance_ids")
