@@ -126,7 +126,10 @@ class VideoDecoder:
         captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
         if not captions:
             return None, {"empty_text": 1}
-        meta["caption"] = captions[int(rng.integers(len(captions)))] if self.train else captions[0]
+        if self.train and len(captions) > 1:  # (no draw for a single caption: the sampling stream stays as is)
+            meta["caption"] = captions[int(rng.integers(len(captions)))]
+        else:
+            meta["caption"] = captions[0]
         return sample, {}
 
 
