@@ -5,7 +5,7 @@ import torch
 import x2vlm  # noqa: F401  (installs the torchvision shim before timm / transformers load)
 from x2vlm.config import load_config
 from x2vlm.model import X2VLM
-from x2vlm.model.regions import box_to_patch_mask, xywh_to_cxcywh_norm
+from x2vlm.model.regions import patch_mask, xywh_to_cxcywh_norm
 from x2vlm.ops import box_pool, grid_boxes
 from x2vlm.model.text import TextEncoder
 from x2vlm.model.vision import VisionEncoder
@@ -66,7 +66,7 @@ def grid_of(mask_row, grid):
     return mask_row[1:].reshape(grid, grid)
 
 
-def test_box_to_patch_mask_by_hand():
+def test_patch_mask_by_hand():
     # 32 px image, 8 px patches: a 4 x 4 grid, row-major after the CLS
     boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0],    # whole image: everything
                           [9.0, 1.0, 6.0, 6.0],      # columns floor(9/8)=1 .. ceil(15/8)=2, rows 0 .. 1
@@ -74,7 +74,7 @@ def test_box_to_patch_mask_by_hand():
                           [16.0, 8.0, 0.0, 0.0],     # zero size: still one patch (row 1, column 2)
                           [4.0, 4.0, 16.0, 8.0],     # columns 0 .. ceil(20/8)=3, rows 0 .. ceil(12/8)=2
                           [-5.0, 20.0, 10.0, 30.0]])  # negative x clipped to column 0; rows 2 .. 4 clipped
-    m = box_to_patch_mask(boxes, 32, 8)
+    m = patch_mask(grid_boxes(boxes, 32, 8), 4)
     assert m.shape == (6, 17) and m.dtype == torch.bool and m[:, 0].all()
     expected = torch.zeros(6, 4, 4, dtype=torch.bool)
     expected[0] = True
@@ -93,7 +93,7 @@ def test_region_token_is_the_mean_of_the_patches_in_the_box(impl):
     feats = torch.randn(3, 16, 5, generator=g)  # 3 images, a 4 x 4 grid
     boxes = torch.tensor([[0.0, 0, 32, 32], [8, 8, 1, 1], [9, 0, 20, 15], [31, 31, 1, 1]])  # pixels, 8 px patches
     image_idx = torch.tensor([0, 2, 2, 1])
-    mask = box_to_patch_mask(boxes, 32, 8)[:, 1:]
+    mask = patch_mask(grid_boxes(boxes, 32, 8), 4)[:, 1:]
     out = box_pool(feats, grid_boxes(boxes, 32, 8), image_idx, 4, impl)
     for j in range(4):
         inside = [feats[image_idx[j], p] for p in range(16) if mask[j, p]]
@@ -215,7 +215,7 @@ def test_model_learns_a_fixed_batch():
         last = float(model(batch)["loss"])
         # ITC retrieval on the batch: every text finds its own visual sequence (region CLS) first.
         vis = model.encode_image(batch["images"])
-        mask = box_to_patch_mask(batch["boxes"], SIZE, 8)
+        mask = patch_mask(grid_boxes(batch["boxes"], SIZE, 8), SIZE // 8)
         cls = box_pool(vis[:, 1:], grid_boxes(batch["boxes"], SIZE, 8), batch["image_idx"], SIZE // 8)
         txt = model.encode_text(batch["text_ids"], batch["text_atts"])
         sim = model.text_feat(txt) @ model.vision_proj(cls).T

@@ -6,6 +6,7 @@ Triton kernels run on CPU only under TRITON_INTERPRET=1, which must be set befor
 set, and are skipped in a process without it."""
 import importlib
 import importlib.util
+import math
 import os
 
 import pytest
@@ -14,7 +15,6 @@ import torch
 from tests.triton_interpreted import run_triton_tests_interpreted
 
 import x2vlm  # noqa: F401
-from x2vlm.model.regions import box_to_patch_mask
 from x2vlm.ops import box_mask, box_pool, box_pool_reference, grid_boxes
 
 box_pool_module = importlib.import_module("x2vlm.ops.box_pool")
@@ -75,7 +75,14 @@ def test_grid_boxes_match_the_region_mask_definition():
     boxes[:4] = torch.tensor([[0.0, 0, 224, 224], [223.5, 223.5, 0.2, 0.2], [16, 32, 16, 16], [15.9, 0, 0, 0]])
     gb = grid_boxes(boxes, 224, 16)
     assert gb.dtype == torch.int64
-    assert torch.equal(box_mask(gb, 14), box_to_patch_mask(boxes, 224, 16)[:, 1:])
+    for (x, y, w, h), (c0, r0, c1, r1) in zip(boxes.tolist(), gb.tolist()):  # the rule, in plain Python
+        col0, row0 = min(max(math.floor(x / 16), 0), 13), min(max(math.floor(y / 16), 0), 13)
+        assert [c0, r0] == [col0, row0]
+        assert c1 == max(min(math.ceil((x + w) / 16), 14), col0 + 1)
+        assert r1 == max(min(math.ceil((y + h) / 16), 14), row0 + 1)
+    mask = box_mask(gb, 14).view(-1, 14, 14)
+    for m, (c0, r0, c1, r1) in zip(mask, gb.tolist()):
+        assert int(m.sum()) == (c1 - c0) * (r1 - r0) and m[r0:r1, c0:c1].all()
     assert gb[0].tolist() == [0, 0, 14, 14] and gb[1].tolist() == [13, 13, 14, 14]
     assert gb[2].tolist() == [1, 2, 2, 3] and gb[3].tolist() == [0, 0, 1, 1]
 

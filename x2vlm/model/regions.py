@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from x2vlm.ops import box_mask, grid_boxes
+from x2vlm.ops import box_mask
 
 
-def box_to_patch_mask(boxes: torch.Tensor, image_size: int, patch_size: int) -> torch.Tensor:
-    """boxes [M, 4] (x, y, w, h) in pixels -> bool [M, 1 + P]. Columns floor(x / p) .. ceil((x + w) / p)
-    exclusive, rows likewise, clipped to the grid and at least one patch wide (x2vlm.ops.grid_boxes); index 0
-    (the CLS) is always on."""
-    patches = box_mask(grid_boxes(boxes, image_size, patch_size), image_size // patch_size)
+def patch_mask(grid_box: torch.Tensor, grid: int) -> torch.Tensor:
+    """Boxes in patch units [M, 4] (x2vlm.ops.grid_boxes: columns floor(x / p) .. ceil((x + w) / p) exclusive,
+    rows likewise, clipped, at least one patch) -> bool [M, 1 + P], the cross-attention mask of each text:
+    index 0 (the CLS / region token) always on, then the patches inside the box."""
+    patches = box_mask(grid_box, grid)
     return torch.cat([torch.ones_like(patches[:, :1]), patches], dim=1)
 
 

@@ -23,11 +23,11 @@ from x2vlm.config import LossConfig, ModelConfig
 from x2vlm.losses import box_losses, itm_labels, itm_loss, mlm_loss
 from x2vlm.model.fusion import FusionEncoder
 from x2vlm.model.heads import BoxHead, MLMHead, MLPHead, Projection, Temperature
-from x2vlm.model.regions import xywh_to_cxcywh_norm
+from x2vlm.model.regions import patch_mask, xywh_to_cxcywh_norm
 from x2vlm.model.temporal import TemporalAggregator
 from x2vlm.model.text import TextEncoder
 from x2vlm.model.vision import VisionEncoder
-from x2vlm.ops import box_mask, box_pool, contrastive_loss, grid_boxes
+from x2vlm.ops import box_pool, contrastive_loss, grid_boxes
 
 BACKBONES = ("vision.", "text.")  # loaded from pre-trained weights; everything else starts fresh
 
@@ -162,8 +162,7 @@ class X2VLM(nn.Module):
         vis = self.encode_visual(batch)  # each unique image (or clip) once
         grid = size // patch
         gbox = grid_boxes(batch["boxes"], size, patch)
-        patches = box_mask(gbox, grid)
-        vis_mask = torch.cat([torch.ones_like(patches[:, :1]), patches], 1)  # [M, 1 + P]; token 0 always on
+        vis_mask = patch_mask(gbox, grid)  # [M, 1 + P]
         cls = box_pool(vis[:, 1:], gbox, image_idx, grid, self.cfg.box_pool_impl)  # mean of the box's patches
         txt = self.encode_text(ids, atts)
 

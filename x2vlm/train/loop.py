@@ -153,6 +153,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, stage: str | None = None
             raise ConfigError(f"--stage: expected one of {[st.name for st, _, _ in plan]}, got {stage!r}")
         plan = [p for p in plan if p[0].name == stage]
     start = checkpoint.step_of(cfg, resume) if resume else plan[0][1]
+    handoff = {"path": str(init), "sha256": checkpoint.weights_sha256(init)} if init else None  # fails early
     out = Path(cfg.train.out_dir)
     metrics = None
     if dist_util.is_main():
@@ -161,7 +162,6 @@ def pretrain(cfg: RunConfig, resume: str | None = None, stage: str | None = None
         metrics = Metrics(str(out), plan[-1][2], to_dict(cfg), cfg.train.wandb_mode, cfg.train.wandb_project,
                           start_step=start)
     last: dict = {}
-    handoff = {"path": str(init), "sha256": checkpoint.weights_sha256(init)} if init else None
     for index, (st, begin, end) in enumerate(plan):
         if start >= end:
             continue
@@ -185,7 +185,7 @@ def pretrain(cfg: RunConfig, resume: str | None = None, stage: str | None = None
             print(f"[x2vlm] stage {st.name!r} ({', '.join(st.sources)}): {n_params / 1e6:.2f}M parameters, "
                   f"{world} rank(s), {precision_of(ds)}, ZeRO-{engine.zero_optimization_stage()}, steps "
                   f"{start}..{end}, weights {came}", flush=True)
-        last = run_stage(engine, sched, precision_of(ds), cfg, st, start, end, metrics, state)
+        last = run_stage(engine, sched, precision_of(ds), tokenizer, cfg, st, start, end, metrics, state)
         handoff = {"path": str(checkpoint.checkpoint_dir(cfg) / f"step{end}"), "stage": st.name, "step": end}
         handoff["sha256"] = checkpoint.weights_sha256(handoff["path"])
         start = end
@@ -196,8 +196,8 @@ def pretrain(cfg: RunConfig, resume: str | None = None, stage: str | None = None
     return last
 
 
-def run_stage(engine, sched, precision: str, cfg: RunConfig, stage: StageConfig, start: int, end: int, metrics,
-              state: dict) -> dict:
+def run_stage(engine, sched, precision: str, tokenizer, cfg: RunConfig, stage: StageConfig, start: int, end: int,
+              metrics, state: dict) -> dict:
     """Steps start..end of one stage: one batch of each of the stage's sources per step."""
     from x2vlm.data.pipeline import build_loaders
 
@@ -205,7 +205,7 @@ def run_stage(engine, sched, precision: str, cfg: RunConfig, stage: StageConfig,
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     sources = [s for s in cfg.data.sources if s.name in stage.sources]
     # A resumed run reads its sources with a fresh seed so that it does not repeat the first batches.
-    loaders = build_loaders(dataclasses.replace(cfg.data, sources=sources), load_run_tokenizer(cfg),
+    loaders = build_loaders(dataclasses.replace(cfg.data, sources=sources), tokenizer,
                             image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len,
                             loss_cfg=cfg.loss, seed=cfg.train.seed + start)
     iters = {name: iter(loader) for name, loader in loaders.items()}
