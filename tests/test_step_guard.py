@@ -1,6 +1,6 @@
-"""A non-finite loss skips the step on every rank, is counted, and after train.max_bad_steps in a row stops the
-run; checkpoints stay intact (a skipped step changes no weight). One process (the ranks agree through one
-all-reduce of a flag)."""
+"""A non-finite loss or gradient skips the step on every rank, is counted, and after train.max_bad_steps in a row
+stops the run; checkpoints stay intact (a skipped step changes no weight). One process (the ranks agree through
+one all-reduce of a flag, and DeepSpeed's gradient norm is global)."""
 import json
 import os
 import subprocess
@@ -21,14 +21,19 @@ SCRIPT = textwrap.dedent("""
     from x2vlm.model import X2VLM
     from x2vlm.train.loop import pretrain
 
-    bad = {int(s) for s in sys.argv[2].split(",") if s}
+    bad_loss = {int(s) for s in sys.argv[2].split(",") if s}
+    bad_grad = {int(s) for s in sys.argv[3].split(",") if s}
     forward, calls = X2VLM.forward, [0]
 
     def poisoned(self, batch):  # two sources: calls 2k and 2k + 1 make step k + 1
         out = forward(self, batch)
         calls[0] += 1
-        if (calls[0] + 1) // 2 in bad:
+        step = (calls[0] + 1) // 2
+        if step in bad_loss:
             out["loss"] = out["loss"] * float("nan")
+        if step in bad_grad:  # a finite loss (sqrt(0) = 0) whose gradient is not: d sqrt(u)/du at 0 is inf
+            z = next(self.parameters()).flatten()[0] * 0
+            out["loss"] = out["loss"] + torch.sqrt(z * z)
         return out
 
     X2VLM.forward = poisoned
@@ -38,11 +43,15 @@ SCRIPT = textwrap.dedent("""
 
 def test_guard_counts_and_stops():
     guard = StepGuard(limit=2)
-    assert guard.finite(torch.tensor(1.0), 0) and not guard.finite(torch.tensor(float("inf")), 1)
-    assert guard.finite(torch.tensor(2.0), 2) and guard.skipped == 1 and guard.consecutive == 0
-    assert not guard.finite(torch.tensor(float("nan")), 3)
+    assert StepGuard.finite(torch.tensor(1.0)) and not StepGuard.finite(torch.tensor(float("inf")))
+    assert not StepGuard.finite(torch.tensor([1.0, float("nan")]))
+    guard.record(True, 0)
+    guard.record(False, 1)
+    guard.record(True, 2)
+    assert guard.skipped == 1 and guard.consecutive == 0
+    guard.record(False, 3)
     with pytest.raises(NonFiniteLoss, match="2 consecutive"):
-        guard.finite(torch.tensor(float("nan")), 4)
+        guard.record(False, 4)
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
@@ -56,8 +65,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
         "train.precision=fp32", "train.wandb_mode=disabled", "train.log_every=1"])
     save_config(cfg, tmp_path / "c.yaml")
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    # step 3 is bad (skipped, counted); 5, 6, 7 are bad in a row: the run stops at step 7
-    p = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "c.yaml"), "3,5,6,7"], env=env,
+    # step 3's loss is bad (skipped, counted); 5 (gradient), 6 and 7 (loss) are bad in a row: the run stops at 7
+    p = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "c.yaml"), "3,6,7", "5"], env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "3 consecutive steps" in p.stderr, p.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -69,6 +78,6 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     from safetensors.torch import load_file
     four = load_file(str(ckpts / "step4" / "model.safetensors"))
     six = load_file(str(ckpts / "step6" / "model.safetensors"))
-    assert all(torch.equal(four[k], six[k]) for k in four)
+    assert all(torch.equal(four[k], six[k]) for k in four)  # the bad gradient of step 5 changed nothing
     two = load_file(str(ckpts / "step2" / "model.safetensors"))
     assert any(not torch.equal(two[k], four[k]) for k in two)  # step 4 itself was a real step

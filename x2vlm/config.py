@@ -143,7 +143,8 @@ class TrainConfig:
     seed: int = 42
     save_every: int = 500
     keep_last: int = 0  # keep only the newest N checkpoints (0 = all)
-    max_bad_steps: int = 5  # steps with a non-finite loss are skipped; this many in a row stop the run
+    max_bad_steps: int = 5  # steps with a non-finite loss or gradient are skipped; this many in a row stop the run
+    sample_log: bool = False  # each rank writes the keys of the samples of every step to OUT/samples/rankN.jsonl
     log_every: int = 10
     wandb_project: str = "x2vlm"
     wandb_mode: str = "offline"  # offline | online | disabled

@@ -183,27 +183,50 @@ class VideoQABatcher(Batcher):
 
 
 class SourceBatches(torch.utils.data.IterableDataset):
-    """Batches of one source from a ShardStream; the last partial batch of a finite pass is kept."""
+    """Batches of one source from a ShardStream; the last partial batch of a finite pass is kept.
+
+    Each batch carries "_position" {"worker", "epoch", "shard", "sample", "batch"}: the worker that made it and
+    where that worker's stream stands after it (see ShardStream), and how many batches the worker has made. A
+    batch's random numbers (augmentation, masking) come from a generator keyed by (seed, rank, worker, batch
+    number), so `resume_at` with saved positions continues the very same sequence of batches."""
 
     def __init__(self, stream: ShardStream, batcher: Batcher, batch_size: int, seed: int):
         self.stream, self.batcher, self.batch_size, self.seed = stream, batcher, batch_size, seed
+        self.batches: dict[int, int] = {}
+
+    def resume_at(self, positions: dict, consumed: int, num_workers: int) -> None:
+        """Continue from saved positions {worker: batch position} after `consumed` batches were taken."""
+        offset = consumed % max(1, num_workers)
+        self.stream.resume_at({w: (p["epoch"], p["shard"], p["sample"]) for w, p in positions.items()}, offset)
+        self.batches = {int(w): int(p["batch"]) for w, p in positions.items()}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info else 0
-        rng = np.random.default_rng([self.seed, self.stream.rank, worker])
-        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        chunk, skipped = [], {}
+        worker = ((info.id if info else 0) + self.stream.worker_offset) % (info.num_workers if info else 1)
+        count = self.batches.get(worker, 0)
+        chunk, skipped, pos = [], {}, None
+
+        def batch():
+            nonlocal count
+            rng = np.random.default_rng([self.seed, self.stream.rank, worker, count])
+            gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+            out = self.batcher(chunk, skipped, rng, gen)
+            count += 1
+            out["_position"] = {"worker": worker, "epoch": pos[0], "shard": pos[1], "sample": pos[2],
+                                "batch": count}
+            return out
+
         for item in self.stream:
             add_counts(skipped, item.pop("_skipped", None))
             if "key" not in item:
                 continue
+            pos = item.pop("_pos")
             chunk.append(item)
             if len(chunk) == self.batch_size:
-                yield self.batcher(chunk, skipped, rng, gen)
+                yield batch()
                 chunk, skipped = [], {}
         if chunk:
-            yield self.batcher(chunk, skipped, rng, gen)
+            yield batch()
         elif skipped:
             warnings.warn(f"bad samples at the end of the shards, after the last batch: {skipped}", stacklevel=2)
 
@@ -222,9 +245,11 @@ def build_loader(source: SourceConfig, data_cfg: DataConfig, tokenizer, image_si
     kind = {"video": VideoBatcher, "video_qa": VideoQABatcher}.get(source.kind, Batcher)
     batcher = kind(source.kind, tokenizer, image_size, max_len, loss_cfg, source.max_texts, train,
                    data_cfg.crop_scale_min, data_cfg.hflip, source.with_caption)
+    # The loader's own generator: creating its workers draws no number from the global generator.
     return torch.utils.data.DataLoader(SourceBatches(stream, batcher, source.batch_size, seed), batch_size=None,
                                        num_workers=workers, persistent_workers=workers > 0,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(),
+                                       generator=torch.Generator().manual_seed(seed))
 
 
 def build_loaders(data_cfg: DataConfig, tokenizer, image_size: int, max_len: int, loss_cfg: LossConfig,
@@ -242,6 +267,7 @@ def iterate_samples(shards, skipped: dict | None = None):
     counts: dict = {}
     for item in stream:
         add_counts(counts, item.pop("_skipped", None))
+        item.pop("_pos", None)
         if "key" in item:
             yield item
     if skipped is not None:

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,37 @@ def tar_samples(path: str):
             yield key, files
 
 
+def tar_index(tar: tarfile.TarFile, path: str):
+    """([(key, [(ext, member), ...]), ...], damaged) of an open tar: its samples (consecutive files with one key)
+    found by reading the headers only. Damaged: a member whose data runs past the end of the file (dropped with its
+    sample), a header that cannot be read, or no end-of-archive marker after the last member (the members before
+    the damage are kept)."""
+    samples: list = []
+    damaged = False
+    try:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = os.path.basename(member.name)
+            k, _, ext = base.partition(".")
+            k = os.path.join(os.path.dirname(member.name), k)
+            if not samples or samples[-1][0] != k:
+                samples.append((k, []))
+            samples[-1][1].append((ext.lower(), member))
+    except (OSError, EOFError, tarfile.TarError):
+        damaged = True
+    if not path.endswith((".gz", ".tgz", ".bz2", ".xz")):  # (offsets of a compressed tar are not file offsets)
+        size = os.path.getsize(path)
+        whole = [(k, ms) for k, ms in samples if all(m.offset_data + m.size <= size for _, m in ms)]
+        damaged = damaged or len(whole) < len(samples)
+        samples = whole
+        ends = [m.offset_data + m.size for _, ms in samples for _, m in ms]
+        with open(path, "rb") as f:
+            f.seek(-(-max(ends, default=0) // 512) * 512)
+            damaged = damaged or f.read(1024) != bytes(1024)
+    return samples, damaged
+
+
 def _box_ok(box) -> bool:
     return (isinstance(box, (list, tuple)) and len(box) == 4
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box))
@@ -221,26 +253,40 @@ def dist_info(rank: int | None = None, world_size: int | None = None):
 class ShardStream(torch.utils.data.IterableDataset):
     """Decoded samples of shards, split across ranks and DataLoader workers; bad input skipped and counted.
 
-    infinite=True repeats epochs forever, each with a new shard order (training); False reads one pass
-    (evaluation). shuffle=False keeps the shard order and sample order. Items without "key" carry only
-    "_skipped" counts.
+    infinite=True repeats epochs forever (training); False reads one pass (evaluation). With shuffle, every epoch
+    has its own shard order (the same on all ranks) and each shard is read in its own random sample order (members
+    are found by the tar index and read by seeking); shuffle=False keeps the shard and sample order.
+
+    The order is a pure function of (seed, epoch, rank, worker), so a reader's place is three numbers: a position
+    (epoch, shard, sample) = the next sample is number `sample` of shard number `shard` of this worker's shard
+    list in `epoch`. Every item carries "_pos", the position after it; `start` {worker: position} makes the
+    stream begin there, with no data read and discarded. Each sample's random numbers (e.g. frame offsets) come
+    from a generator keyed by (seed, epoch, shard file, sample), the same whichever rank or worker reads it. Items
+    without "key" carry only "_skipped" counts.
     """
 
-    def __init__(self, shards, seed: int = 0, infinite: bool = True, shuffle: bool = True, buffer: int = 64,
+    def __init__(self, shards, seed: int = 0, infinite: bool = True, shuffle: bool = True,
                  rank: int | None = None, world_size: int | None = None, num_workers: int | None = None,
                  decode=None):
-        """`decode(key, files, rng)` -> (sample or None, {kind: count}); default: image samples (decode_sample).
-        `rng` is a numpy Generator private to this rank, worker and epoch (e.g. for random frame offsets)."""
+        """`decode(key, files, rng)` -> (sample or None, {kind: count}); default: image samples (decode_sample)."""
         self.shards = expand_shards(shards)
         self.decode = decode or decode_image_sample
-        self.seed, self.infinite, self.shuffle, self.buffer = seed, infinite, shuffle, buffer
+        self.seed, self.infinite, self.shuffle = seed, infinite, shuffle
         self.rank, self.world_size = dist_info(rank, world_size)
-        self.epoch = 0  # first epoch of the next pass; set_epoch() moves it, each finished pass adds one
+        self.epoch = 0  # first epoch of a stream that has no start position
+        self.start: dict[int, tuple[int, int, int]] = {}
+        self.worker_offset = 0  # DataLoader worker i reads as worker (i + offset) % workers
         if num_workers is not None:
             self.check_enough(num_workers)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, positions: dict, worker_offset: int = 0) -> None:
+        """Begin each worker at its saved position {worker: (epoch, shard, sample)}; DataLoader worker i then plays
+        worker (i + worker_offset) % workers, so that batches keep coming in the order they came before."""
+        self.start = {int(w): tuple(int(x) for x in p) for w, p in positions.items()}
+        self.worker_offset = worker_offset
 
     def check_enough(self, num_workers: int) -> None:
         workers = max(1, num_workers)
@@ -257,38 +303,45 @@ class ShardStream(torch.utils.data.IterableDataset):
         total = self.world_size * num_workers
         return order[self.rank * num_workers + worker::total]
 
-    def read_shard(self, path: str, rng: np.random.Generator):
+    def read_shard(self, path: str, epoch: int, shard: int, first: int):
+        """Items of one shard from its sample number `first` on, in this epoch's order."""
+        name = zlib.crc32(os.path.basename(path).encode("utf-8"))
         try:
-            for key, files in tar_samples(path):
-                sample, bad = self.decode(key, files, rng)
-                if sample is None:
-                    yield {"_skipped": bad}
-                else:
-                    if bad:
-                        sample["_skipped"] = bad
-                    yield sample
-        except (OSError, EOFError, tarfile.TarError):  # unreadable or truncated shard: the rest of it is lost
-            yield {"_skipped": {"bad_shard": 1}}
+            tar = tarfile.open(path, "r:*")
+        except (OSError, EOFError, tarfile.TarError):  # missing or unreadable: counted once, when the shard begins
+            if first == 0:
+                yield {"_skipped": {"bad_shard": 1}, "_pos": (epoch, shard + 1, 0)}
+            return
+        with tar:
+            samples, damaged = tar_index(tar, path)
+            if damaged and first == 0:
+                yield {"_skipped": {"bad_shard": 1}, "_pos": (epoch, shard, 0)}
+            order = list(range(len(samples)))
+            if self.shuffle:
+                np.random.default_rng([self.seed, epoch, name]).shuffle(order)
+            for j in range(first, len(order)):
+                key, members = samples[order[j]]
+                pos = (epoch, shard, j + 1) if j + 1 < len(order) else (epoch, shard + 1, 0)
+                try:
+                    files = {ext: tar.extractfile(m).read() for ext, m in members}
+                except (OSError, EOFError, tarfile.TarError):
+                    yield {"_skipped": {"bad_shard": 1}, "_pos": pos}
+                    continue
+                sample, bad = self.decode(key, files, np.random.default_rng([self.seed, epoch, name, order[j]]))
+                item = {"_skipped": bad} if sample is None else (dict(sample, _skipped=bad) if bad else sample)
+                item["_pos"] = pos
+                yield item
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         self.check_enough(num_workers)
+        worker = (worker + self.worker_offset) % num_workers
+        epoch, shard, sample = self.start.get(worker, (self.epoch, 0, 0))
         while True:
-            epoch = self.epoch
-            self.epoch += 1
-            rng = random.Random(f"{self.seed}-{epoch}-{self.rank}-{worker}")
-            decode_rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
-            buf: list = []
-            for path in self.shards_for(epoch, worker, num_workers):
-                for item in self.read_shard(path, decode_rng):
-                    if not self.shuffle or self.buffer <= 1:
-                        yield item
-                        continue
-                    buf.append(item)
-                    if len(buf) >= self.buffer:
-                        yield buf.pop(rng.randrange(len(buf)))
-            rng.shuffle(buf)
-            yield from buf
+            paths = self.shards_for(epoch, worker, num_workers)
+            for s in range(shard, len(paths)):
+                yield from self.read_shard(paths[s], epoch, s, sample if s == shard else 0)
             if not self.infinite:
                 return
+            epoch, shard, sample = epoch + 1, 0, 0

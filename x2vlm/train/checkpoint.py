@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from x2vlm.config import RunConfig, from_dict, save_config, to_dict
@@ -18,7 +20,8 @@ from x2vlm.train import distributed as dist_util
 
 WEIGHTS = "model.safetensors"
 PARTIAL = ".partial"  # suffix of a checkpoint folder being written
-STATE = "run_state.json"  # step, stage, and where the stage's starting weights came from
+STATE = "run_state.json"  # step, stage, world size, and where the stage's starting weights came from
+RANK_STATE = "rank{}.json"  # one per rank: its data positions, random generators and counters
 
 
 def checkpoint_dir(cfg: RunConfig) -> Path:
@@ -49,9 +52,10 @@ def export_weights(state: dict, cfg: RunConfig, folder: Path, tokenizer_dir: str
         shutil.copytree(tokenizer_dir, folder / "tokenizer")
 
 
-def save(engine, cfg: RunConfig, step: int, extra: dict | None = None) -> Path:
+def save(engine, cfg: RunConfig, step: int, extra: dict | None = None, rank_state: dict | None = None) -> Path:
     """DeepSpeed checkpoint `step{N}` (all ranks take part) with the run config in its client state, plus the
-    weights export and the run state in the same folder (rank 0).
+    weights export and the run state in the same folder (rank 0), and each rank's own state (`rank_state`: data
+    positions, random generators, counters) in `rank{R}.json`.
 
     Atomic: everything is written under `step{N}.partial`; once every rank is done, rank 0 renames the folder to
     `step{N}` and only then points `latest` at it (a new file moved over the old one). A crash while saving
@@ -65,6 +69,9 @@ def save(engine, cfg: RunConfig, step: int, extra: dict | None = None) -> Path:
     dist_util.barrier()
     state = {"step": step, "config": to_dict(cfg), **(extra or {})}
     engine.save_checkpoint(str(root), tag=partial.name, client_state=state, save_latest=False)
+    if rank_state is not None:
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / RANK_STATE.format(dist_util.rank())).write_text(json.dumps(rank_state))
     weights = full_state_dict(engine)
     if weights is not None:
         export_weights(weights, cfg, partial, cfg.model.text.tokenizer)
@@ -124,6 +131,46 @@ def step_of(cfg: RunConfig, which: str) -> int:
 def read_state(folder: Path) -> dict:
     """The run state (step, stage, config, ...) saved beside a checkpoint."""
     return json.loads((Path(folder) / STATE).read_text())
+
+
+def read_rank_state(cfg: RunConfig, which: str, rank: int) -> dict | None:
+    """One rank's saved state in a checkpoint (`latest` or a tag); None when the checkpoint has none for it."""
+    path = checkpoint_dir(cfg) / resolve_tag(cfg, which) / RANK_STATE.format(rank)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def next_epochs(cfg: RunConfig, which: str) -> dict:
+    """{source: the epoch after the furthest one that any saved rank's loader worker had begun} of a checkpoint."""
+    folder = checkpoint_dir(cfg) / resolve_tag(cfg, which)
+    out: dict = {}
+    for path in folder.glob(RANK_STATE.format("*")):
+        for name, d in json.loads(path.read_text())["data"].items():
+            for pos in d["workers"].values():
+                out[name] = max(out.get(name, 0), pos["epoch"] + 1)
+    return out
+
+
+def rng_state() -> dict:
+    """The states of Python's, NumPy's and torch's global generators (and CUDA's), as plain JSON data."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    out = {"python": [py[0], list(py[1]), py[2]],
+           "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+           "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state().tolist()
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def weights_only_engine(config=None):

@@ -79,6 +79,8 @@ def build_ds_config(cfg: RunConfig, world_size: int, sources: list | None = None
                               f"come from the train section of the run configuration")
     prec = resolve_precision(ds, cfg.train.precision)
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": prec == "bf16"}
+    if prec == "bf16":  # skip steps whose gradient is not finite (fp16 and fp32 do so already)
+        ds["bf16"].setdefault("check_grad_overflow", True)
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": prec == "fp16"}
     ds["zero_allow_untested_optimizer"] = True
     return ds

@@ -3,6 +3,7 @@ steps the DeepSpeed engine. Metrics go to the console, a JSONL file and wandb; c
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from pathlib import Path
@@ -28,26 +29,70 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StepGuard:
-    """Skips steps whose loss is not finite on some rank (every rank skips together) and stops the run after
-    `limit` consecutive ones. A skipped step changes no weight and no optimiser state, so every checkpoint,
-    also one saved right after skipped steps, holds the weights of the last good step."""
+    """Skips steps whose loss is not finite on some rank (every rank skips together) or whose gradient is not
+    finite (DeepSpeed then leaves weights and optimiser state alone), and stops the run after `limit` consecutive
+    skipped steps. A skipped step changes no weight and no optimiser state, so every checkpoint, also one saved
+    right after skipped steps, holds the weights of the last good step."""
 
     def __init__(self, limit: int):
         self.limit, self.skipped, self.consecutive = limit, 0, 0
 
-    def finite(self, loss: torch.Tensor, step: int) -> bool:
+    @staticmethod
+    def finite(loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (a collective)."""
         ok = torch.isfinite(loss.detach().float()).all().float().reshape(1)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if bool(ok.item()):
+        return bool(ok.item())
+
+    def record(self, applied: bool, step: int) -> None:
+        """After each step: whether its update was applied."""
+        if applied:
             self.consecutive = 0
-            return True
+            return
         self.skipped += 1
         self.consecutive += 1
         if self.consecutive >= self.limit:
-            raise NonFiniteLoss(f"step {step + 1}: the loss was not finite in {self.consecutive} consecutive steps "
-                                f"(train.max_bad_steps {self.limit}); stopping, the last checkpoint is intact")
-        return False
+            raise NonFiniteLoss(f"step {step + 1}: the loss or gradient was not finite in {self.consecutive} "
+                                f"consecutive steps (train.max_bad_steps {self.limit}); stopping, the last "
+                                f"checkpoint is intact")
+
+    def state(self) -> dict:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load(self, state: dict) -> None:
+        self.skipped, self.consecutive = state["skipped"], state["consecutive"]
+
+
+class SampleLog:
+    """With train.sample_log, each rank appends {"step", "source", "keys"} per batch to OUT/samples/rankN.jsonl:
+    which samples made which step. A resumed run first drops the lines of steps after its checkpoint (their
+    updates were lost with the crash), so the file always lists the samples that made the current weights."""
+
+    def __init__(self, cfg: RunConfig, rank: int, start: int):
+        self.file = None
+        if not cfg.train.sample_log:
+            return
+        path = Path(cfg.train.out_dir) / "samples" / f"rank{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] < start:
+                        kept.append(line + "\n")
+                except ValueError:  # a line cut off by a crash
+                    pass
+        path.write_text("".join(kept))
+        self.file = open(path, "a")
+
+    def add(self, step: int, source: str, keys) -> None:
+        if self.file:
+            self.file.write(json.dumps({"step": step, "source": source, "keys": list(keys)}) + "\n")
+
+    def flush(self) -> None:
+        if self.file:
+            self.file.flush()
 
 
 def seed_everything(seed: int) -> None:
@@ -109,6 +154,12 @@ class SkipMonitor:
             seen, counts = self.seen, [self.bad.get(k, 0) for k in kinds]
         return {"seen": seen, **{f"skipped/{k}": c for k, c in zip(kinds, counts)}}
 
+    def state(self) -> dict:
+        return {"seen": self.seen, "bad": dict(self.bad)}
+
+    def load(self, state: dict) -> None:
+        self.seen, self.bad = state["seen"], dict(state["bad"])
+
     def check(self, totals: dict) -> None:
         bad = sum(v for k, v in totals.items() if k.startswith("skipped/"))
         frac = bad / max(1, bad + totals["seen"])
@@ -166,6 +217,8 @@ def pretrain(cfg: RunConfig, resume: str | None = None, stage: str | None = None
         if start >= end:
             continue
         resuming = resume is not None and begin < start
+        if resume is not None and begin == start and index > 0:  # resumed at the end of the previous stage
+            handoff = stage_handoff(cfg, plan[index - 1][0], begin)
         seed_everything(cfg.train.seed + rank + start)
         model = build_model(cfg, tokenizer)
         if handoff and not resuming:
@@ -174,10 +227,22 @@ def pretrain(cfg: RunConfig, resume: str | None = None, stage: str | None = None
         opt, sched = build_optimizer(model, tcfg)
         ds = build_ds_config(cfg, world, sources=st.sources)
         engine = build_engine(model, opt, sched, ds)
-        state = {"stage": st.name, "stage_index": index, "stage_begin": begin, "stage_end": end}
+        state = {"stage": st.name, "stage_index": index, "stage_begin": begin, "stage_end": end,
+                 "world_size": world, "num_workers": cfg.data.num_workers}
+        rank_state = restart = None
         if resuming:
             loaded = checkpoint.resume(engine, cfg, resume)
             handoff = loaded.get("init_from")
+            same = loaded.get("world_size") == world and loaded.get("num_workers") == cfg.data.num_workers
+            rank_state = checkpoint.read_rank_state(cfg, resume, rank) if same else None
+            if rank_state is None:
+                restart = checkpoint.next_epochs(cfg, resume)
+                if dist_util.is_main():
+                    print(f"[x2vlm] resuming {loaded.get('world_size')} rank(s) x {loaded.get('num_workers')} "
+                          f"loader worker(s) as {world} x {cfg.data.num_workers}: weights, optimiser state and "
+                          f"schedule continue exactly; the data streams start at new epochs {restart} (the rest "
+                          f"of the interrupted epochs is not read) and the random generators are seeded anew, so "
+                          f"the run no longer matches an uninterrupted one bit for bit", flush=True)
         state["init_from"] = handoff
         if dist_util.is_main():
             n_params = sum(p.numel() for p in model.parameters())
@@ -185,9 +250,9 @@ def pretrain(cfg: RunConfig, resume: str | None = None, stage: str | None = None
             print(f"[x2vlm] stage {st.name!r} ({', '.join(st.sources)}): {n_params / 1e6:.2f}M parameters, "
                   f"{world} rank(s), {precision_of(ds)}, ZeRO-{engine.zero_optimization_stage()}, steps "
                   f"{start}..{end}, weights {came}", flush=True)
-        last = run_stage(engine, sched, precision_of(ds), tokenizer, cfg, st, start, end, metrics, state)
-        handoff = {"path": str(checkpoint.checkpoint_dir(cfg) / f"step{end}"), "stage": st.name, "step": end}
-        handoff["sha256"] = checkpoint.weights_sha256(handoff["path"])
+        last = run_stage(engine, sched, precision_of(ds), tokenizer, cfg, st, (begin, start, end), metrics, state,
+                         rank_state, restart_epochs=restart)
+        handoff = stage_handoff(cfg, st, end)
         start = end
         del engine, model, opt
     if metrics:
@@ -196,45 +261,76 @@ def pretrain(cfg: RunConfig, resume: str | None = None, stage: str | None = None
     return last
 
 
-def run_stage(engine, sched, precision: str, tokenizer, cfg: RunConfig, stage: StageConfig, start: int, end: int,
-              metrics, state: dict) -> dict:
-    """Steps start..end of one stage: one batch of each of the stage's sources per step."""
+def stage_handoff(cfg: RunConfig, stage: StageConfig, end: int) -> dict:
+    """Where the stage after `stage` takes its weights from: the checkpoint at `stage`'s last step."""
+    path = str(checkpoint.checkpoint_dir(cfg) / f"step{end}")
+    return {"path": path, "stage": stage.name, "step": end, "sha256": checkpoint.weights_sha256(path)}
+
+
+def run_stage(engine, sched, precision: str, tokenizer, cfg: RunConfig, stage: StageConfig,
+              steps: tuple[int, int, int], metrics, state: dict, rank_state: dict | None = None,
+              restart_epochs: dict | None = None) -> dict:
+    """Steps start..end of a stage that begins at `begin` (steps = (begin, start, end)): one batch of each of the
+    stage's sources per step. `rank_state` (saved by this rank at step start) continues the data streams, the
+    random generators and the counters exactly where they were; `restart_epochs` {source: epoch} starts the
+    streams at those epochs instead (a resume on another number of ranks)."""
     from x2vlm.data.pipeline import build_loaders
 
-    world = dist_util.world_size()
+    begin, start, end = steps
+    world, rank = dist_util.world_size(), dist_util.rank()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     sources = [s for s in cfg.data.sources if s.name in stage.sources]
-    # A resumed run reads its sources with a fresh seed so that it does not repeat the first batches.
     loaders = build_loaders(dataclasses.replace(cfg.data, sources=sources), tokenizer,
                             image_size=cfg.model.vision.image_size, max_len=cfg.model.text.max_len,
-                            loss_cfg=cfg.loss, seed=cfg.train.seed + start)
-    iters = {name: iter(loader) for name, loader in loaders.items()}
-    weights = {s.name: s.weight for s in sources}
+                            loss_cfg=cfg.loss, seed=cfg.train.seed + begin)
     monitor = SkipMonitor(cfg.data.max_skip_fraction)
     guard = StepGuard(cfg.train.max_bad_steps)
+    data = {name: {"consumed": 0, "workers": {}} for name in loaders}
+    if rank_state is not None:
+        data = rank_state["data"]
+        for name, loader in loaders.items():
+            loader.dataset.resume_at(data[name]["workers"], data[name]["consumed"], cfg.data.num_workers)
+        monitor.load(rank_state["skips"])
+        guard.load(rank_state["guard"])
+    elif restart_epochs:
+        for name, loader in loaders.items():
+            loader.dataset.stream.set_epoch(restart_epochs.get(name, 0))
+    iters = {name: iter(loader) for name, loader in loaders.items()}
+    if rank_state is not None:  # after the loaders' workers started: they draw no number from these
+        checkpoint.set_rng_state(rank_state["rng"])
+    weights = {s.name: s.weight for s in sources}
+    log = SampleLog(cfg, rank, start)
     engine.train()
     last: dict = {}
     t_last, n_images, wait, window_start = time.perf_counter(), 0, 0.0, start
     for step in range(start, end):
         sums: dict[str, float] = {}
+        applied = False
         for _ in range(cfg.train.grad_accum):
             total = 0.0
             for name, it in iters.items():
                 t0 = time.perf_counter()
                 batch = next(it)
                 wait += time.perf_counter() - t0
+                position = batch.pop("_position")
+                data[name]["workers"][str(position["worker"])] = position
+                data[name]["consumed"] += 1
+                log.add(step, name, batch["keys"])
                 monitor.add(batch)
                 n_images += len(batch["keys"])
                 losses = engine(to_device(batch, engine.device, dtype))
                 total = total + weights[name] * losses["loss"]
                 for k, v in losses.items():
                     sums[f"{name}/{k}"] = sums.get(f"{name}/{k}", 0.0) + float(v.detach()) / cfg.train.grad_accum
-            if guard.finite(total, step):
+            finite = guard.finite(total)
+            if finite:
                 engine.backward(total)
-                engine.step()
-            elif cfg.train.grad_accum > 1:  # the bad micro-batch adds nothing; the others still make the step
-                engine.step()
+            if finite or cfg.train.grad_accum > 1:  # a bad micro-batch adds nothing; the others make the step
+                engine.step()  # skips the update itself when the gradient is not finite
+                applied = engine.was_step_applied()
             sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) / cfg.train.grad_accum
+        guard.record(applied, step)
+        log.flush()
         done = step + 1
         if done % cfg.train.log_every == 0 or done == end or done == start + 1:
             totals = monitor.totals()
@@ -252,5 +348,6 @@ def run_stage(engine, sched, precision: str, tokenizer, cfg: RunConfig, stage: S
             if metrics:
                 metrics.log(done, last)
         if done % cfg.train.save_every == 0 or done == end:
-            checkpoint.save(engine, cfg, done, extra=state)
+            mine = {"data": data, "rng": checkpoint.rng_state(), "skips": monitor.state(), "guard": guard.state()}
+            checkpoint.save(engine, cfg, done, extra=state, rank_state=mine)
     return last
