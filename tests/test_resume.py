@@ -1,0 +1,129 @@
+"""Exact resume on 2 CPU ranks under the deepspeed launcher: a two-stage run (images + regions, then + video) is
+killed with SIGKILL (every process of the launch, by process id) at random steps, twice, and resumed with
+`--resume latest` each time. It must end with weights bitwise equal to an uninterrupted run and with every
+training sample used exactly as often, in the same steps. Then the same checkpoint continues on 1 rank."""
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.test_pretrain import launch
+from x2vlm.config import load_config, save_config
+from x2vlm.demo import prepare_data
+from x2vlm.train.distributed import free_port
+
+STEPS = 8  # 4 image steps, then 4 video steps; an epoch of a rank's images is 5 batches: the streams wrap
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume")
+    paths = prepare_data(out, n_train=40, n_heldout=4, seed=7, image_size=64, shards_per_source=4,
+                         n_train_clips=16, n_heldout_clips=2)
+    images, videos = ",".join(paths["train"]), ",".join(paths["train_video"])
+    cfg = load_config("tiny", [
+        f"data.sources=[{{name: images, kind: image, shards: [{images}], batch_size: 4}}, "
+        f"{{name: regions, kind: region, shards: [{images}], batch_size: 3}}, "
+        f"{{name: videos, kind: video, shards: [{videos}], batch_size: 3, max_frames: 3}}]",
+        "train.stages=[{name: images, steps: 4, sources: [images, regions]}, "
+        "{name: video, steps: 4, sources: [images, regions, videos]}]",
+        f"train.steps={STEPS}", "train.save_every=2", "train.log_every=1", "train.precision=fp32",
+        "train.wandb_mode=disabled", "train.sample_log=true", "train.warmup_steps=2", "data.num_workers=1",
+        "model.video.max_frames=4", f"model.text.tokenizer={out / 'tokenizer'}"])
+    save_config(cfg, out / "config.yaml")
+    launch(out / "config.yaml", f"train.out_dir={out / 'whole'}")
+    return out
+
+
+def start(config, *extra):
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "x2vlm", "pretrain", "--config", str(config), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def logged_steps(run_dir):
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return max([json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()], default=0)
+
+
+def kill_at(proc, run_dir, step):
+    """SIGKILL every process of the launch (launcher, ranks, loader workers) once rank 0 has logged `step` and a
+    checkpoint exists."""
+    deadline = time.time() + 300
+    while logged_steps(run_dir) < step or not (run_dir / "checkpoints" / "latest").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "the run did not reach the step"
+        time.sleep(0.05)
+    pids = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def samples(run_dir):
+    """[(step, source, key)] of both ranks."""
+    out = []
+    for rank in (0, 1):
+        for line in (run_dir / "samples" / f"rank{rank}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            out += [(r["step"], r["source"], rank, k) for k in r["keys"]]
+    return sorted(out)
+
+
+def final_weights(run_dir):
+    return load_file(str(run_dir / "checkpoints" / f"step{STEPS}" / "model.safetensors"))
+
+
+def test_kill_9_twice_then_resume_is_bitwise_exact(setup):
+    out = setup
+    rng = random.Random()
+    first = rng.randint(2, 4)
+    second = rng.randint(first + 2, STEPS - 1)
+    print(f"killing after steps {first} and {second}")
+    run_dir = out / "killed"
+    over = f"train.out_dir={run_dir}"
+    kill_at(start(out / "config.yaml", over), run_dir, first)
+    kill_at(start(out / "config.yaml", over, "--resume", "latest"), run_dir, second)
+    log = launch(out / "config.yaml", over, "--resume", "latest")
+    resumed_at = int(re.search(r"steps (\d+)\.\.8", log).group(1))
+    assert 2 <= resumed_at <= second
+    whole, killed = final_weights(out / "whole"), final_weights(run_dir)
+    assert set(whole) == set(killed)
+    differ = [k for k in whole if not torch.equal(whole[k], killed[k])]
+    assert not differ, f"killed after steps {first}, {second}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+    used_whole, used_killed = samples(out / "whole"), samples(run_dir)
+    assert used_killed == used_whole
+    per_key = Counter((source, key) for _, source, _, key in used_whole)
+    assert len({s for s, _ in per_key}) == 3 and max(per_key.values()) >= 2  # three sources; some reused
+
+
+def test_resume_on_one_rank_continues_exactly_the_weights(setup):
+    out = setup
+    import shutil
+
+    run_dir = out / "one-rank"
+    shutil.copytree(out / "whole" / "checkpoints", run_dir / "checkpoints")
+    (run_dir / "checkpoints" / "latest").write_text("step6")
+    log = launch(out / "config.yaml", f"train.out_dir={run_dir}", "--resume", "latest", ranks=1)
+    assert "resuming 2 rank(s) x 1 loader worker(s) as 1 x 1" in log and "steps 6..8" in log
+    assert "resumed from step6" in log  # the weights loaded equal the saved export, bit for bit
+    state = json.loads((run_dir / "checkpoints" / "step8" / "run_state.json").read_text())
+    assert state["world_size"] == 1 and state["step"] == STEPS
+    end, six = final_weights(run_dir), load_file(str(out / "whole" / "checkpoints" / "step6" / "model.safetensors"))
+    assert any(not torch.equal(end[k], six[k]) for k in end)
