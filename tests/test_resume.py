@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections import Counter
 
@@ -111,6 +112,53 @@ def test_kill_9_twice_then_resume_is_bitwise_exact(setup):
     assert used_killed == used_whole
     per_key = Counter((source, key) for _, source, _, key in used_whole)
     assert len({s for s, _ in per_key}) == 3 and max(per_key.values()) >= 2  # three sources; some reused
+
+
+RESHARD = textwrap.dedent("""
+    import sys
+    import torch
+    from x2vlm.config import load_config
+    from x2vlm.train import checkpoint, distributed
+    from x2vlm.train.engine import build_ds_config, build_engine
+    from x2vlm.train.loop import build_model, load_run_tokenizer, plan_stages, stage_train_config
+    from x2vlm.train.optim import build_optimizer
+
+    cfg = load_config(sys.argv[1], ["train.out_dir=" + sys.argv[2]])
+    distributed.init_distributed()
+    stage = plan_stages(cfg)[1][0]
+    model = build_model(cfg, load_run_tokenizer(cfg))
+    opt, sched = build_optimizer(model, stage_train_config(cfg, stage))
+    engine = build_engine(model, opt, sched, build_ds_config(cfg, 1, sources=stage.sources))
+    checkpoint.resume(engine, cfg, "step6")
+    o = engine.optimizer
+    torch.save({"state": [dict(o.optimizer.state[f]) for f in o.single_partition_of_fp32_groups],
+                "fp32": [f.clone() for f in o.single_partition_of_fp32_groups],
+                "lr": engine.lr_scheduler.get_last_lr()}, sys.argv[3])
+""")
+
+
+def test_resharding_two_ranks_into_one_is_exact(setup):
+    """On one rank a ZeRO partition is a whole parameter group: the re-sharded optimiser state must equal the two
+    saved partitions laid end to end (padding cut), the step counts and the schedule must be the saved ones."""
+    out = setup
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    p = subprocess.run([sys.executable, "-c", RESHARD, str(out / "config.yaml"), str(out / "whole"),
+                        str(out / "resharded.pt")], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = torch.load(out / "resharded.pt", weights_only=True)
+    folder = out / "whole" / "checkpoints" / "step6"
+    saved = [torch.load(folder / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=False)
+             ["optimizer_state_dict"] for r in (0, 1)]
+    for g, (state, fp32) in enumerate(zip(got["state"], got["fp32"])):
+        n = fp32.numel()
+        assert torch.equal(fp32, torch.cat([s["single_partition_of_fp32_groups"][g] for s in saved])[:n])
+        for key in ("exp_avg", "exp_avg_sq"):
+            whole = torch.cat([s["base_optimizer_state"]["state"][g][key] for s in saved])[:n]
+            assert whole.abs().sum() > 0 and torch.equal(state[key], whole), (g, key)
+        assert torch.equal(state["step"], saved[0]["base_optimizer_state"]["state"][g]["step"])
+    model_state = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)
+    assert got["lr"] == model_state["lr_scheduler"]["_last_lr"]
 
 
 def test_resume_on_one_rank_continues_exactly_the_weights(setup):
