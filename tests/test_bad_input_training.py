@@ -104,7 +104,8 @@ def damaged(tmp_path_factory):
         f"data.sources=[{{name: images, kind: region, shards: [{','.join(images)}], batch_size: 4}}, "
         f"{{name: videos, kind: video, shards: [{','.join(videos)}], batch_size: 2, max_frames: 2}}]",
         "train.stages=[]", "train.steps=14", "train.save_every=14", "train.log_every=1", "train.precision=fp32",
-        "train.wandb_mode=disabled", "train.warmup_steps=2", "data.num_workers=1", "data.max_skip_fraction=0.5", "model.video.max_frames=4",
+        "train.wandb_mode=disabled", "train.warmup_steps=2", "data.num_workers=1", "data.max_skip_fraction=0.5",
+        "model.video.max_frames=4",
         f"model.text.tokenizer={root / 'tok'}", f"train.out_dir={root / 'run'}"])
     save_config(cfg, root / "config.yaml")
     return root, cfg, images, videos
@@ -128,7 +129,7 @@ def reference_counts(cfg, source_index: int, consumed: int) -> dict:
     loader = build_loader(src, dataclasses.replace(cfg.data, num_workers=0), tok, 64, cfg.model.text.max_len,
                           cfg.loss, seed=cfg.train.seed + 100003 * source_index)
     total: dict = {}
-    for n, batch in zip(range(consumed), loader):
+    for _, batch in zip(range(consumed), loader):
         for k, v in batch["skipped"].items():
             total[k] = total.get(k, 0) + v
     return total

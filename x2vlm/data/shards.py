@@ -128,6 +128,12 @@ def write_shards(samples, out_dir: str, prefix: str, samples_per_shard: int, ima
     return out.paths
 
 
+def member_key(member: tarfile.TarInfo) -> tuple[str, str]:
+    """(sample key, extension) of a tar member: "dir/KEY.EXT" -> ("dir/KEY", "ext")."""
+    k, _, ext = os.path.basename(member.name).partition(".")
+    return os.path.join(os.path.dirname(member.name), k), ext.lower()
+
+
 def tar_samples(path: str):
     """(key, {ext: bytes}) for each sample of a tar file; consecutive files with one key form a sample."""
     with tarfile.open(path, "r|*") as tar:
@@ -135,14 +141,12 @@ def tar_samples(path: str):
         for member in tar:
             if not member.isfile():
                 continue
-            base = os.path.basename(member.name)
-            k, _, ext = base.partition(".")
-            k = os.path.join(os.path.dirname(member.name), k)
+            k, ext = member_key(member)
             if k != key and files:
                 yield key, files
                 files = {}
             key = k
-            files[ext.lower()] = tar.extractfile(member).read()
+            files[ext] = tar.extractfile(member).read()
         if files:
             yield key, files
 
@@ -158,12 +162,10 @@ def tar_index(tar: tarfile.TarFile, path: str):
         for member in tar:
             if not member.isfile():
                 continue
-            base = os.path.basename(member.name)
-            k, _, ext = base.partition(".")
-            k = os.path.join(os.path.dirname(member.name), k)
+            k, ext = member_key(member)
             if not samples or samples[-1][0] != k:
                 samples.append((k, []))
-            samples[-1][1].append((ext.lower(), member))
+            samples[-1][1].append((ext, member))
     except (OSError, EOFError, tarfile.TarError):
         damaged = True
     if not path.endswith((".gz", ".tgz", ".bz2", ".xz")):  # (offsets of a compressed tar are not file offsets)
