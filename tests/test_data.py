@@ -376,3 +376,28 @@ def test_region_source_without_captions_gives_phrases_only(world):
                                                 for r in regions[:2]]
         else:  # an image without regions still gives its caption
             assert len(rows) == 1 and not batch["is_region"][rows[0]]
+
+
+def test_loader_resumes_mid_epoch_with_two_workers(world):
+    """Batches taken from a 2-worker loader, then a new loader resumed from the positions of the batches taken
+    (an odd number: the other worker goes first): the very same batches follow, keys and tensors alike."""
+    src = SourceConfig(name="regions", kind="region", shards=world["paths"], batch_size=5, max_texts=3)
+    cfg = DataConfig(num_workers=2, crop_scale_min=0.3)
+
+    def loader():
+        return build_loader(src, cfg, world["tok"], SIZE, 24, LossConfig(), seed=4)
+
+    it = iter(loader())
+    whole = [next(it) for _ in range(17)]  # 85 samples: past the first epoch of each worker (24 samples)
+    taken, positions = 7, {}
+    for b in whole[:taken]:
+        positions[str(b["_position"]["worker"])] = b["_position"]
+    resumed = loader()
+    resumed.dataset.resume_at(positions, taken, num_workers=2)
+    it = iter(resumed)
+    for want in whole[taken:]:
+        got = next(it)
+        assert got["keys"] == want["keys"] and got["_position"] == want["_position"]
+        for k in ("images", "text_ids", "mlm_ids", "mlm_labels", "boxes"):
+            assert torch.equal(got[k], want[k]), k
+    assert whole[taken]["_position"]["worker"] == 1
