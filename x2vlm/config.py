@@ -33,6 +33,7 @@ class VisionConfig:
     heads: int = 12
     drop_path: float = 0.1
     init_checkpoint: str = ""  # local weights file (.safetensors or .pt); nothing is downloaded
+    frozen: bool = False  # keep the loaded weights, compute no gradient for them (fine-tuning on little data)
     extra: dict = field(default_factory=dict)  # further keyword arguments for timm.create_model
 
 

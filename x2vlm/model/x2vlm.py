@@ -64,6 +64,7 @@ class X2VLM(nn.Module):
             self.qa_head.apply(init_fresh)
         for fresh in (self.fusion, self.vision_proj, self.text_proj, self.itm_head, self.bbox_head, self.mlm_head):
             fresh.apply(init_fresh)
+        self.vision.requires_grad_(not model_cfg.vision.frozen)
 
     # --- parameter groups ----------------------------------------------------------------------------------
     @staticmethod
