@@ -109,3 +109,27 @@ def test_retrieval_shards_feed_batches_with_video_ids_as_instances(tmp_path, vid
     ids = {k.split("_")[-1]: int(i) for k, i in zip(batch["keys"], batch["instance_ids"])}
     assert ids == {"video1": instance_id("video1"), "video2": instance_id("video2")}
     assert batch["videos"].shape[:2] == (2, 2) and batch["frame_mask"].all()
+
+
+def test_published_formats_round_trip_through_the_converters(video_finetuning, tmp_path):
+    import tarfile
+
+    v = video_finetuning
+    files = v.files
+    assert files["qa"]["train"].endswith(".jsonl") and files["qa"]["test"].endswith(".json")
+    assert json.loads(open(files["retrieval"]["test"]).read())[0] == {"video_id": v.test_clips[0]["key"],
+                                                                      "caption": v.test_clips[0]["caption"]}
+    # retrieval: one sample per video with its caption and the very mp4 bytes of the clip
+    m = {s["json"]["video_id"]: s["json"] for s in iterate_video_samples(v.retrieval, max_frames=1)}
+    assert {k: (x["caption"], x["captions"]) for k, x in m.items()} == {c["key"]: (c["caption"], [c["caption"]])
+                                                                       for c in v.clips}
+    with tarfile.open(v.retrieval[0]) as tar:
+        name = next(n for n in tar.getnames() if n.endswith(".mp4"))
+        assert tar.extractfile(name).read() == next(c["mp4"] for c in v.clips if c["key"] == name[:-4])
+    # QA: the test split converted with the training split's vocabulary
+    vocab = str(v.root / "qa" / "ans2label.json")
+    test = videoqa_to_shards(files["qa"]["test"], files["videos"], str(tmp_path / "qa_test"), ans2label=vocab)
+    labels = json.loads(open(vocab).read())
+    for shards, clips in ((v.qa, v.clips), (test, v.test_clips)):
+        got = {s["json"]["video_id"]: s["json"]["qa"] for s in iterate_video_samples(shards, max_frames=1)}
+        assert got == {c["key"]: [{**q, "label": labels.get(q["answer"], -1)} for q in c["qa"]] for c in clips}

@@ -9,6 +9,8 @@ are held out: the "train" split never shows them, the "heldout" split draws from
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -160,9 +162,10 @@ def make_sample(split: str, seed: int, index: int, image_size: int = 64) -> dict
     }
 
 
-def generate(split: str, n: int, seed: int = 0, image_size: int = 64) -> list:
-    """n samples of a split: {"key", "image" (PIL RGB), "caption", "regions", "unseen", "n_shapes"}."""
-    return [make_sample(split, seed, i, image_size) for i in range(n)]
+def generate(split: str, n: int, seed: int = 0, image_size: int = 64, map_fn=map) -> list:
+    """n samples of a split: {"key", "image" (PIL RGB), "caption", "regions", "unseen", "n_shapes"}. `map_fn`
+    maps the sample maker over the indices in order (e.g. a process pool's map)."""
+    return list(map_fn(partial(make_sample, split, seed, image_size=image_size), range(n)))
 
 
 def corpus(samples) -> list:

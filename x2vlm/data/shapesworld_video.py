@@ -3,6 +3,7 @@ real mp4 (H.264, yuv420p) with PyAV, with a caption and typed question-answer pa
 
     clips = generate_clips("train", 200, seed=0)     # deterministic by (split, seed, index)
     texts = video_corpus(clips)                       # captions, questions and answers, for a tokenizer
+    files = write_published_formats({"train": clips, "test": held}, "msrvtt/")  # MSRVTT / MSRVTT-QA files
 
 Each clip (default 4 s at 8 fps, 64x64) shows 1-3 shapes with distinct shapes and colours on a ShapesWorld
 background. One shape, the target, does one of three events, chosen by index % 3: "move" (it slides in a
@@ -21,6 +22,10 @@ Held-out pairs as in the image generator: the "train" split never shows a pair o
 held-out pair is shown.
 """
 from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -169,9 +174,11 @@ def _questions(c1, shape, c2, direction, placed) -> list:
     return qa
 
 
-def generate_clips(split: str, n: int, seed: int = 0, size: int = 64, seconds: float = 4, fps: float = 8) -> list:
-    """n clips of a split: {"key", "mp4" (bytes), "caption", "qa": [{"question", "answer", "type"}], "meta"}."""
-    return [make_clip(split, seed, i, size, seconds, fps) for i in range(n)]
+def generate_clips(split: str, n: int, seed: int = 0, size: int = 64, seconds: float = 4, fps: float = 8,
+                   map_fn=map) -> list:
+    """n clips of a split: {"key", "mp4" (bytes), "caption", "qa": [{"question", "answer", "type"}], "meta"}.
+    `map_fn` maps the clip maker over the indices in order (e.g. a process pool's map)."""
+    return list(map_fn(partial(make_clip, split, seed, size=size, seconds=seconds, fps=fps), range(n)))
 
 
 def video_corpus(clips) -> list:
@@ -188,3 +195,35 @@ def shard_samples(clips) -> list:
     """The clips as samples for video.shards.write_video_shards: {"key", "video", "json"}."""
     return [{"key": c["key"], "video": c["mp4"],
              "json": {"caption": c["caption"], "qa": c["qa"], "meta": c["meta"]}} for c in clips]
+
+
+def write_published_formats(splits: dict, root) -> dict:
+    """Clips in the published video-text file formats, as x2vlm.data.video_formats reads them, under `root`:
+
+    - videos/<key>.mp4: every clip's mp4 bytes, written once and shared by both tasks;
+    - retrieval_<split>.json (MSRVTT): a JSON list of {"video_id", "caption"}; the "train" split has an entry per
+      caption, the others one caption per video (as the 1k-A test file);
+    - qa_<split>.jsonl for "train" and qa_<split>.json (a JSON list) for the others (MSRVTT-QA / MSVD-QA):
+      {"video_id", "question", "answer", "type"}.
+
+    `splits`: {split name: clips}. Returns {"videos": folder, "retrieval": {split: file}, "qa": {split: file}}."""
+    root = Path(root)
+    videos = root / "videos"
+    videos.mkdir(parents=True, exist_ok=True)
+    out = {"videos": str(videos), "retrieval": {}, "qa": {}}
+    for split, clips in splits.items():
+        for c in clips:
+            (videos / f"{c['key']}.mp4").write_bytes(c["mp4"])
+        retrieval = [{"video_id": c["key"], "caption": c["caption"]} for c in clips]
+        qa = [{"video_id": c["key"], "question": q["question"], "answer": q["answer"], "type": q["type"]}
+              for c in clips for q in c["qa"]]
+        out["retrieval"][split] = str(root / f"retrieval_{split}.json")
+        Path(out["retrieval"][split]).write_text(json.dumps(retrieval, indent=0) + "\n", encoding="utf-8")
+        if split == "train":
+            out["qa"][split] = str(root / f"qa_{split}.jsonl")
+            text = "".join(json.dumps(row) + "\n" for row in qa)
+        else:
+            out["qa"][split] = str(root / f"qa_{split}.json")
+            text = json.dumps(qa, indent=0) + "\n"
+        Path(out["qa"][split]).write_text(text, encoding="utf-8")
+    return out

@@ -33,10 +33,13 @@ def _video_id(entry: dict) -> str | None:
 
 
 class VideoFiles:
-    """Finds and checks (decodes one frame, once per video) the video file of an entry."""
+    """Finds and checks (decodes one frame) the video file of an entry. A file is decoded once per process however
+    many annotation files name it (the verdict is kept by path, size and modification time)."""
+
+    verdicts: dict = {}
 
     def __init__(self, root: str, skipped: Counter):
-        self.root, self.skipped, self.checked = Path(root), skipped, {}
+        self.root, self.skipped = Path(root), skipped
 
     def path(self, entry: dict) -> Path | None:
         vid = _video_id(entry)
@@ -44,26 +47,29 @@ class VideoFiles:
             self.skipped["bad_entry"] += 1
             return None
         path = self.root / (vid if Path(vid).suffix else f"{vid}.mp4")
-        if path not in self.checked:
-            self.checked[path] = self._check(path)
-        kind = self.checked[path]
+        kind = self.check(path)
         if kind:
             self.skipped[kind] += 1
             return None
         return path
 
-    @staticmethod
-    def _check(path: Path) -> str | None:
+    @classmethod
+    def check(cls, path: Path) -> str | None:
+        """None for a readable video, else why not: "missing_video" or "unreadable_video"."""
         from video.decode import read_video
         from video.errors import VideoDecodeError
 
         if not path.is_file():
             return "missing_video"
-        try:
-            read_video(str(path), fps=1.0, max_frames=1)
-        except VideoDecodeError:
-            return "unreadable_video"
-        return None
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in cls.verdicts:
+            try:
+                read_video(str(path), fps=1.0, max_frames=1)
+                cls.verdicts[key] = None
+            except VideoDecodeError:
+                cls.verdicts[key] = "unreadable_video"
+        return cls.verdicts[key]
 
 
 def _texts(value) -> list:
