@@ -1,7 +1,9 @@
-"""Evaluate an exported checkpoint on held-out shards: retrieval over an image-text pool and grounding."""
+"""Evaluate an exported checkpoint on held-out shards: image-text retrieval, grounding, video-text retrieval and the
+direction-of-motion probe, video QA; each result with the protocol that pins its numbers."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -64,33 +66,63 @@ def load_video_pool(shards, image_size: int, fps: float = 1.0, max_frames: int =
     return videos, mask, captions
 
 
+def split_name(shards) -> str:
+    """The name of the split a set of shards holds: their file prefix before the shard number ("heldout" for
+    heldout-000000.tar), several joined by "+"."""
+    names = sorted({Path(p).name.rsplit("-", 1)[0] for p in expand_shards(shards)})
+    return "+".join(names)
+
+
+def protocol(sha256: str, shards, **settings) -> dict:
+    """What an evaluation's numbers depend on besides the code: the weights (sha256 of the export), the split
+    and its shard files, and the settings (resolution, frame sampling, re-rank depth, sizes)."""
+    files = [Path(p).name for p in expand_shards(shards)]
+    return {"checkpoint_sha256": sha256, "split": split_name(shards), "shards": files, **settings}
+
+
 @torch.no_grad()
 def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rerank_k: int = 16,
-                        video_shards=(), fps: float = 1.0, max_frames: int = 8, videoqa_shards=()) -> dict:
+                        video_shards=(), fps: float = 1.0, max_frames: int = 8, videoqa_shards=(),
+                        probe_direction: bool = True) -> dict:
+    """Every evaluation the given shards allow, each with its `protocol`. Deterministic: no sampling (clips are
+    read at the evaluation offsets), no dropout, the same numbers for the same checkpoint and shards."""
     folder = find_export(checkpoint)
     model, tokenizer, cfg = load_pretrained(folder)
     size = cfg.model.vision.image_size
     tokenize = make_tokenize(tokenizer, cfg.model.text.max_len)
-    result = {"checkpoint": str(folder), "checkpoint_sha256": weights_sha256(folder), "image_size": size}
+    sha = weights_sha256(folder)
+    result = {"checkpoint": str(folder), "checkpoint_sha256": sha, "image_size": size}
+    sampling = {"image_size": size, "fps": fps, "max_frames": max_frames, "aggregator": cfg.model.video.aggregator}
     if image_shards:
         images, captions = load_pool(image_shards, size)
         ids, atts = tokenize(captions)
-        result["image_retrieval"] = evaluate_retrieval(model, images, ids, atts, rerank_k=rerank_k)
+        result["image_retrieval"] = {
+            **evaluate_retrieval(model, images, ids, atts, rerank_k=rerank_k),
+            "protocol": protocol(sha, image_shards, image_size=size, rerank_k=rerank_k, n_queries=len(captions),
+                                 pool_size=len(images))}
     if region_shards:
-        result["grounding"] = evaluate_grounding(model, load_grounding(region_shards, size), tokenize, size)
+        samples = load_grounding(region_shards, size)
+        result["grounding"] = {**evaluate_grounding(model, samples, tokenize, size),
+                               "protocol": protocol(sha, region_shards, image_size=size, iou=0.5, min_shapes=2,
+                                                    n_images=len(samples))}
     if video_shards:
         videos, mask, captions = load_video_pool(video_shards, size, fps, max_frames)
         ids, atts = tokenize(captions)
+        setting = protocol(sha, video_shards, **sampling, rerank_k=rerank_k, n_queries=len(captions),
+                           pool_size=len(videos))
         result["video_retrieval"] = {**evaluate_retrieval(model, videos, ids, atts, rerank_k=rerank_k,
-                                                          frame_mask=mask),
-                                     "fps": fps, "max_frames": max_frames}
-        result["video_direction"] = direction_probe(model, videos, mask, captions, tokenize)
+                                                          frame_mask=mask), "protocol": setting}
+        if probe_direction:
+            result["video_direction"] = {**direction_probe(model, videos, mask, captions, tokenize),
+                                         "protocol": protocol(sha, video_shards, **sampling)}
     if videoqa_shards:
         from video.shards import iterate_video_samples
         from x2vlm.eval.videoqa import evaluate_videoqa
 
         skipped: dict = {}
         clips = iterate_video_samples(expand_shards(videoqa_shards), fps, max_frames, skipped=skipped)
-        result["video_qa"] = {**evaluate_videoqa(model, clips, tokenize, size), "skipped_clips": skipped,
-                              "fps": fps, "max_frames": max_frames, "aggregator": cfg.model.video.aggregator}
+        qa = evaluate_videoqa(model, clips, tokenize, size)
+        result["video_qa"] = {**qa, "skipped_clips": skipped,
+                              "protocol": protocol(sha, videoqa_shards, **sampling, n_questions=qa["n"],
+                                                   n_clips=qa.get("clips", 0))}
     return result

@@ -1,38 +1,60 @@
 """Video QA evaluation: classification over the answer vocabulary on the fusion [CLS]; accuracy overall and per
-question type. A question whose answer is outside the vocabulary (label -1) counts as wrong, never dropped."""
+question type. A question whose answer is outside the vocabulary (label -1) counts as wrong, never dropped.
+
+Chance is the accuracy of a blind answerer that knows the question type: each question answered with the most
+frequent answer of its type among the evaluated questions. Chosen on the evaluated questions themselves, it is
+an upper bound on any answerer that ignores the video (uniform guessing, the most frequent training answer) and
+so a conservative baseline."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from itertools import islice
 
 import torch
 
 
+def _batches(samples, size: int):
+    it = iter(samples)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
 @torch.no_grad()
-def evaluate_videoqa(model, samples, tokenize, image_size: int) -> dict:
+def evaluate_videoqa(model, samples, tokenize, image_size: int, batch: int = 16) -> dict:
     """`samples`: decoded clips {"frames", "json": {"qa": [{"question", "label", "type"}]}} (e.g. from
-    video.shards.iterate_video_samples). Returns {"acc", "n", "chance", "majority", "outside_vocab",
-    "by_type": {type: {"acc", "n"}}}."""
-    from x2vlm.data.pipeline import frames_to_tensor
+    video.shards.iterate_video_samples), evaluated `batch` clips at a time with all their questions. Returns
+    {"acc", "n", "clips", "chance", "majority" (always the most frequent answer), "outside_vocab",
+    "by_type": {type: {"acc", "n", "chance", ...}}}."""
+    from x2vlm.data.pipeline import frames_to_tensor, pad_clips
 
     model.eval()
-    hits, types, labels = [], [], []
-    for s in samples:
-        qa = s["json"]["qa"]
-        ids, atts = tokenize([q["question"] for q in qa])
-        batch = {"videos": frames_to_tensor(s["frames"], image_size)[None], "text_ids": ids, "text_atts": atts,
-                 "image_idx": torch.zeros(len(qa), dtype=torch.long)}
-        pred = model.qa_logits(batch).argmax(-1).tolist()
-        for q, p in zip(qa, pred):
-            hits.append(q["label"] >= 0 and p == q["label"])
-            types.append(q.get("type") or "")
-            labels.append(q["label"])
-    if not hits:
+    rows, clips = [], 0  # (hit, type, label) per question
+    for chunk in _batches(samples, batch):
+        clips += len(chunk)
+        videos, frame_mask = pad_clips([frames_to_tensor(s["frames"], image_size) for s in chunk])
+        qa = [(i, q) for i, s in enumerate(chunk) for q in s["json"]["qa"]]
+        ids, atts = tokenize([q["question"] for _, q in qa])
+        inputs = {"videos": videos, "frame_mask": frame_mask, "text_ids": ids, "text_atts": atts,
+                  "image_idx": torch.tensor([i for i, _ in qa])}
+        pred = model.qa_logits(inputs).argmax(-1).tolist()
+        rows += [(q["label"] >= 0 and p == q["label"], q.get("type") or "", q["label"])
+                 for (_, q), p in zip(qa, pred)]
+    if not rows:
         return {"n": 0}
-    by_type = defaultdict(list)
-    for h, t in zip(hits, types):
-        by_type[t].append(h)
-    common = Counter(x for x in labels if x >= 0).most_common(1)
-    return {"acc": sum(hits) / len(hits), "n": len(hits), "chance": 1.0 / model.cfg.qa_answers,
-            "majority": (common[0][1] / len(hits)) if common else 0.0,
-            "outside_vocab": sum(x < 0 for x in labels),
-            "by_type": {t: {"acc": sum(h) / len(h), "n": len(h)} for t, h in sorted(by_type.items()) if t}}
+    return {**accuracy(rows), "clips": clips, "by_type": {t: accuracy([r for r in rows if r[1] == t])
+                                                          for t in sorted({r[1] for r in rows}) if t}}
+
+
+def accuracy(rows: list) -> dict:
+    """{"acc", "n", "chance", "majority", "outside_vocab"} of (hit, type, label) rows; see the module docstring for
+    chance. Out-of-vocabulary answers (label -1) are never a blind answer."""
+    n = len(rows)
+    by_type = defaultdict(Counter)
+    for _, t, label in rows:
+        if label >= 0:
+            by_type[t][label] += 1
+    overall = Counter(label for _, _, label in rows if label >= 0)
+    return {"acc": sum(h for h, _, _ in rows) / n, "n": n,
+            "chance": sum(c.most_common(1)[0][1] for c in by_type.values()) / n,
+            "majority": overall.most_common(1)[0][1] / n if overall else 0.0,
+            "outside_vocab": sum(label < 0 for _, _, label in rows)}
