@@ -118,4 +118,29 @@ def test_direction_probe_mean_pooling_is_blind_to_direction():
     out = direction_probe(model, videos, mask, captions, tokenize)
     assert out["mean"]["n"] == out["attention"]["n"] == 5
     assert out["mean"]["forward_acc"] + out["mean"]["reversed_acc"] == pytest.approx(1.0)  # blind by construction
-    assert len(model.temporal.blocks) == 1  # the probe put the temporal transformer back
+    assert len(model.temporal.blocks) == 1 and model.temporal.motion is not None  # the probe put them back
+
+
+def test_motion_summary_is_antisymmetric_in_time_and_absent_without_motion():
+    from x2vlm.model.temporal import motion_moments
+
+    x = torch.randn(2, 4, 1 + 16, 8, generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    assert torch.allclose(motion_moments(x.flip(1), mask), -motion_moments(x, mask), atol=1e-6)
+    still = x[:, :1].expand(2, 4, 17, 8)
+    assert motion_moments(still, mask).abs().max() < 1e-6
+    one = torch.tensor([[True, False, False, False]] * 2)
+    assert motion_moments(x, one).abs().max() == 0
+    # a feature whose mass moves right along x: positive x moment, zero y moment
+    frames = torch.zeros(1, 2, 1 + 4, 1)
+    frames[0, 0, 1 + 0] = frames[0, 0, 1 + 2] = 1.0  # left column (patches 0, 2 of a 2x2 grid) at the start
+    frames[0, 1, 1 + 1] = frames[0, 1, 1 + 3] = 1.0  # right column at the end
+    mx, my = motion_moments(frames, torch.ones(1, 2, dtype=torch.bool))[0].tolist()  # one channel: (x, y)
+    assert mx > 0 and my == 0
+
+
+def test_mean_model_loads_an_attention_checkpoint():
+    attention, mean = tiny_model("attention"), tiny_model("mean")
+    randomise_temporal(attention)
+    mean.load_state_dict(attention.state_dict())  # the temporal transformer and motion weights are left unused
+    assert torch.equal(mean.temporal.frame_embed, attention.temporal.frame_embed)

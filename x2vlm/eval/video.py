@@ -57,9 +57,6 @@ def direction_probe(model, videos, frame_mask, captions, tokenize) -> dict:
     """direction_accuracy with the model's aggregator and, on the same weights, with plain mean pooling."""
     out = {model.temporal.kind: direction_accuracy(model, videos, frame_mask, captions, tokenize)}
     if model.temporal.kind != "mean":
-        blocks, model.temporal.blocks = model.temporal.blocks, torch.nn.ModuleList()
-        try:
+        with model.temporal.as_mean():
             out["mean"] = direction_accuracy(model, videos, frame_mask, captions, tokenize)
-        finally:
-            model.temporal.blocks = blocks
     return out
