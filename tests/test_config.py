@@ -49,6 +49,7 @@ def test_missing_paths_are_reported(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = load_config("tiny", ["train.stages.1.steps=7", "train.steps=247"], check_paths=False)
+    cfg = load_config("tiny", ["train.stages.0.steps=240", "train.stages.1.steps=7", "train.steps=247"],
+                      check_paths=False)
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(str(tmp_path / "c.yaml"), check_paths=False) == cfg

@@ -1,9 +1,12 @@
 """`x2vlm demo`: the whole system on a CPU in minutes.
 
-Generates ShapesWorld data, trains a WordPiece tokenizer on it, writes WebDataset shards, pre-trains the tiny
-preset with 2 ranks under the deepspeed launcher (ZeRO-2; bf16 where the hardware supports it), evaluates
-retrieval and grounding on held-out images (and video retrieval on held-out clips when the preset has a video
-stage) and writes `OUT/results.json`.
+Generates ShapesWorld images and clips, trains a WordPiece tokenizer on their texts, writes WebDataset shards,
+pre-trains the tiny preset with 2 ranks under the deepspeed launcher (ZeRO-2; bf16 where the hardware supports
+it) and evaluates retrieval and grounding on held-out images (and zero-shot video retrieval on held-out clips when
+the preset has a video stage). With a video stage it also writes the clips in the published video-text formats
+(MSRVTT retrieval, MSRVTT-QA), converts them with the `make-shards` converters, fine-tunes the pre-trained
+checkpoint with `x2vlm finetune` for video retrieval and, once per temporal aggregator, for video QA, and
+evaluates those. Everything goes to `OUT/results.json` and a summary table.
 """
 from __future__ import annotations
 
@@ -11,10 +14,25 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from x2vlm.config import load_config, save_config
+
+# Fine-tuning in the demo, per task: (kind of the data source, config overrides). Clips are sampled as in
+# pre-training. Retrieval trains the whole model; QA keeps the vision encoder as pre-trained (a frozen encoder
+# computes no gradient, so a QA step costs less than half as much, and its frame features are what the temporal
+# aggregator and the fusion encoder learn to read).
+FINETUNES = {
+    "video_retrieval": ("video", ["train.steps=40", "train.warmup_steps=10", "train.lr=2.0e-4"]),
+    "video_qa": ("video_qa", ["train.steps=250", "train.warmup_steps=15", "train.lr=1.5e-3",
+                              "model.vision.frozen=true"]),
+}
+FINETUNE_BATCH = 16
+AGGREGATORS = ("mean", "attention")  # QA is fine-tuned once with each; mean's run is the shorter
 
 
 def _say(msg: str) -> None:
@@ -24,14 +42,23 @@ def _say(msg: str) -> None:
 def prepare_data(out: Path, n_train: int, n_heldout: int, seed: int, image_size: int, shards_per_source: int,
                  n_train_clips: int = 0, n_heldout_clips: int = 0):
     """ShapesWorld train and held-out splits as shards (images, and video clips when asked), and a tokenizer
-    trained on the training texts."""
+    trained on the training texts. With clips, the same clips also go out in the published formats (training
+    clips as the train split, held-out clips as the test split) and through the converters: shards for video
+    retrieval and video QA fine-tuning and evaluation. Samples are drawn by two processes."""
     from x2vlm.data.shapesworld import corpus, generate
     from x2vlm.data.shards import write_shards
     from x2vlm.data.tokenizer import train_tokenizer
 
     data = out / "data"
-    train = generate("train", n_train, seed=seed, image_size=image_size)
-    heldout = generate("heldout", n_heldout, seed=seed + 1, image_size=image_size)
+    with ProcessPoolExecutor(2) as pool:
+        spread = partial(pool.map, chunksize=50)
+        train = generate("train", n_train, seed=seed, image_size=image_size, map_fn=spread)
+        heldout = generate("heldout", n_heldout, seed=seed + 1, image_size=image_size, map_fn=spread)
+        if n_train_clips:
+            from x2vlm.data.shapesworld_video import generate_clips
+
+            clips = generate_clips("train", n_train_clips, seed=seed, size=image_size, map_fn=spread)
+            held = generate_clips("heldout", n_heldout_clips, seed=seed + 1, size=image_size, map_fn=spread)
     texts = corpus(train)
     per = -(-n_train // shards_per_source)
     paths = {
@@ -44,38 +71,110 @@ def prepare_data(out: Path, n_train: int, n_heldout: int, seed: int, image_size:
          f"pair never seen in training); {len(paths['train'])} training shards")
     if n_train_clips:
         from video.shards import write_video_shards
-        from x2vlm.data.shapesworld_video import generate_clips, shard_samples, video_corpus
+        from x2vlm.data.shapesworld_video import shard_samples, video_corpus
 
-        clips = generate_clips("train", n_train_clips, seed=seed, size=image_size)
-        held = generate_clips("heldout", n_heldout_clips, seed=seed + 1, size=image_size)
         texts += video_corpus(clips)
-        paths["train_video"] = write_video_shards(shard_samples(clips), str(data), "train-video",
-                                                  -(-n_train_clips // shards_per_source))
-        paths["heldout_video"] = write_video_shards(shard_samples(held), str(data), "heldout-video",
-                                                    max(1, n_heldout_clips))
+        per_video = -(-n_train_clips // shards_per_source)
+        paths["train_video"] = write_video_shards(shard_samples(clips), str(data), "train-video", per_video)
         _say(f"{n_train_clips} training and {n_heldout_clips} held-out video clips (mp4, "
              f"{len(paths['train_video'])} training shards)")
+        paths.update(convert_published(clips, held, data, per_video))
     train_tokenizer(texts, str(out / "tokenizer"))
     return paths
 
 
-def launch_pretrain(config_path: Path, ranks: int, log_path: Path) -> None:
+def convert_published(train_clips: list, test_clips: list, data: Path, per_shard: int) -> dict:
+    """Write the clips in the published formats under DATA/published and convert them as `x2vlm make-shards
+    --format video-retrieval | video-qa` does: retrieval shards, and QA shards whose answer vocabulary is built
+    from the training answers and given to the test split."""
+    from x2vlm.data.shapesworld_video import write_published_formats
+    from x2vlm.data.video_formats import retrieval_to_shards, videoqa_to_shards
+
+    files = write_published_formats({"train": train_clips, "test": test_clips}, data / "published")
+    videos, ret, qa = files["videos"], str(data / "video_retrieval"), str(data / "video_qa")
+    big = max(1, len(test_clips))
+    paths = {"video_retrieval_train": retrieval_to_shards(files["retrieval"]["train"], videos, ret, "train",
+                                                          per_shard),
+             "video_retrieval_test": retrieval_to_shards(files["retrieval"]["test"], videos, ret, "test", big),
+             "video_qa_train": videoqa_to_shards(files["qa"]["train"], videos, qa, "train", per_shard)}
+    paths["video_qa_test"] = videoqa_to_shards(files["qa"]["test"], videos, qa, "test", big,
+                                               ans2label=str(Path(qa) / "ans2label.json"))
+    paths["answers"] = len(json.loads((Path(qa) / "ans2label.json").read_text()))
+    return paths
+
+
+def launch(jobs: list, log_dir: Path) -> list:
+    """Start `x2vlm ARGS` under the deepspeed launcher for each job (name, args, ranks), all at the same time; `wait`
+    for them. Each job's output goes to LOG_DIR/NAME.log; its progress lines are echoed, prefixed with the job's
+    name when several run."""
     from x2vlm.train.distributed import free_port
 
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(free_port()), "--module", "x2vlm", "pretrain", "--config", str(config_path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    _say("launching: deepspeed --num_gpus %d --module x2vlm pretrain --config %s" % (ranks, config_path))
-    with open(log_path, "w") as log:
+    ports: set = set()
+    running = []
+    for name, args, ranks in jobs:
+        while (port := free_port()) in ports:
+            pass
+        ports.add(port)
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+               str(port), "--module", "x2vlm", *args]
+        _say(f"launching: deepspeed --num_gpus {ranks} --module x2vlm {' '.join(args)}")
+        log = log_dir / f"{name}.log"
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        prefix = f"({name}) " if len(jobs) > 1 else ""
+        echo = threading.Thread(target=_copy_output, args=(proc, log, prefix))
+        echo.start()
+        running.append((name, proc, echo, log))
+    return running
+
+
+def wait(running: list) -> None:
+    """Wait for the jobs `launch` started; RuntimeError with the end of the log of a job that failed."""
+    failed = []
+    for name, proc, echo, log in running:
+        echo.join()
+        if proc.wait() != 0:
+            failed.append((name, proc.returncode, log))
+    if failed:
+        name, code, log = failed[0]
+        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+        raise RuntimeError(f"{name} failed with exit code {code}; the end of {log}:\n{tail}")
+
+
+def _copy_output(proc: subprocess.Popen, log: Path, prefix: str) -> None:
+    with open(log, "w", buffering=1) as f:
         for line in proc.stdout:
-            log.write(line)
-            if line.startswith(("[x2vlm]", "[rank0]:[x2vlm]")) or "Traceback" in line or "Error" in line:
-                print(line, end="", flush=True)
-        code = proc.wait()
-    if code != 0:
-        tail = "".join(open(log_path).readlines()[-25:])
-        raise RuntimeError(f"pre-training failed with exit code {code}; the end of {log_path}:\n{tail}")
+            f.write(line)
+            at = line.find("[x2vlm]")  # after a progress bar's carriage return, or a rank's prefix
+            if at >= 0 or "Traceback" in line or "Error" in line:
+                print(prefix + line[max(at, 0):], end="", flush=True)
+
+
+def finetune_job(outp: Path, name: str, task: str, shards: list, video, overrides: list) -> tuple:
+    """A fine-tuning job for `launch`: its config (the pre-training run's, with one source of the task's kind that
+    samples clips as the pre-training `video` source does, and the demo's fine-tuning settings) is written to
+    OUT/NAME.yaml; it starts from the pre-trained run."""
+    kind, settings = FINETUNES[task]
+    source = (f"{{name: {name}, kind: {kind}, shards: [{','.join(shards)}], batch_size: {FINETUNE_BATCH}, "
+              f"fps: {video.fps}, max_frames: {video.max_frames}, min_frames: {video.min_frames}}}")
+    cfg = load_config(str(outp / "config.yaml"), [
+        "train.stages=[]", f"data.sources=[{source}]", f"train.out_dir={outp / name}",
+        *settings, *overrides])
+    cfg.train.save_every = cfg.train.steps
+    save_config(cfg, outp / f"{name}.yaml")
+    return name, ["finetune", "--task", task, "--config", str(outp / f"{name}.yaml"), "--checkpoint",
+                  str(outp / "run")], 1
+
+
+def video_qa_summary(by_aggregator: dict) -> dict:
+    """One entry for the QA runs: the attention run's results, with the accuracy overall and by type of every
+    aggregator beside them."""
+    out = dict(by_aggregator["attention"])
+    out["by_aggregator"] = {a: r["acc"] for a, r in by_aggregator.items()}
+    out["by_type_by_aggregator"] = {a: {t: v["acc"] for t, v in r["by_type"].items()}
+                                    for a, r in by_aggregator.items()}
+    out["runs"] = {a: r for a, r in by_aggregator.items() if a != "attention"}
+    return out
 
 
 def summary_table(results: dict) -> str:
@@ -94,19 +193,30 @@ def summary_table(results: dict) -> str:
         ("mean IoU", f"{g['mean_iou']:.3f}", ""),
         ("right shape picked", f"{g['right_shape']:.3f}", ""),
     ]
-    if "video_retrieval" in results:
-        v = results["video_retrieval"]
-        c = 1.0 / v["pool_size"]
-        rows += [("video retrieval, pool of %d clips (zero-shot)" % v["pool_size"], "model", "chance"),
-                 ("text->video R@1  (ITC)", f"{v['t2v_r1']:.3f}", f"{c:.3f}"),
-                 ("text->video R@5  (ITC)", f"{v['t2v_r5']:.3f}", f"{5 * c:.3f}"),
-                 ("video->text R@1  (ITC)", f"{v['v2t_r1']:.3f}", f"{c:.3f}")]
+    for key, what in (("video_retrieval", "zero-shot"), ("finetune_video_retrieval", "fine-tuned")):
+        if key in results:
+            v = results[key]
+            c = 1.0 / v["pool_size"]
+            rows += [(f"video retrieval, pool of {v['pool_size']} clips ({what})", "model", "chance"),
+                     ("text->video R@1  (ITC)", f"{v['t2v_r1']:.3f}", f"{c:.3f}"),
+                     ("text->video R@5  (ITC)", f"{v['t2v_r5']:.3f}", f"{5 * c:.3f}"),
+                     ("video->text R@1  (ITC)", f"{v['v2t_r1']:.3f}", f"{c:.3f}"),
+                     ("text->video R@1  (ITM re-rank top %d)" % v["itm_rerank"]["k"],
+                      f"{v['itm_rerank']['t2v_r1']:.3f}", f"{c:.3f}")]
     for name, d in results.get("video_direction", {}).items():
-        if d.get("n"):
+        if isinstance(d, dict) and d.get("n"):
             rows.append((f"direction of motion, {name} pooling ({d['n']} clips, fwd+rev)", f"{d['mean_acc']:.3f}",
                          f"{d['chance']:.3f}"))
+    if "video_qa" in results:
+        q = results["video_qa"]
+        rows.append((f"video QA, {q['n']} questions (fine-tuned)", "/".join(q["by_aggregator"]), "chance"))
+        rows.append(("all types", "/".join(f"{a:.3f}" for a in q["by_aggregator"].values()), f"{q['chance']:.3f}"))
+        for t, v in q["by_type"].items():
+            accs = "/".join(f"{r[t]:.3f}" for r in q["by_type_by_aggregator"].values())
+            rows.append((f"{t} ({v['n']})", accs, f"{v['chance']:.3f}"))
     w = max(len(a) for a, _, _ in rows)
-    return "\n".join(f"{a:<{w}}  {b:>8}  {c:>12}" for a, b, c in rows)
+    wb = max(8, max(len(b) for _, b, _ in rows))
+    return "\n".join(f"{a:<{w}}  {b:>{wb}}  {c:>12}" for a, b, c in rows)
 
 
 def run_demo(out: str = "runs/demo", ranks: int = 2, overrides: list[str] | None = None, n_train: int = 6000,
@@ -128,11 +238,33 @@ def run_demo(out: str = "runs/demo", ranks: int = 2, overrides: list[str] | None
         f"train.seed={seed}", *(overrides or [])])
     save_config(cfg, outp / "config.yaml")
     _say(f"data ready in {time.time() - start:.0f}s; pre-training {cfg.train.steps} steps")
-    launch_pretrain(outp / "config.yaml", ranks, outp / "pretrain.log")
-    _say(f"pre-training done at {time.time() - start:.0f}s; evaluating on held-out images")
+    wait(launch([("pretrain", ["pretrain", "--config", str(outp / "config.yaml")], ranks)], outp))
+    _say(f"pre-training done at {time.time() - start:.0f}s")
+    fps, frames = (video[0].fps, video[0].max_frames) if video else (1.0, 8)
+    if video:  # fine-tuning starts first; the pre-trained model is evaluated while it runs
+        _say("fine-tuning for video retrieval and video QA")
+        qa = [f"model.qa_answers={paths['answers']}"]
+        finetunes = launch([
+            finetune_job(outp, "finetune_video_retrieval", "video_retrieval", paths["video_retrieval_train"],
+                         video[0], []),
+            *(finetune_job(outp, f"finetune_video_qa_{a}", "video_qa", paths["video_qa_train"], video[0],
+                           [*qa, f"model.video.aggregator={a}"]) for a in AGGREGATORS)], outp)
+    _say("evaluating the pre-trained model on held-out data")
     results = evaluate_checkpoint(str(outp / "run"), image_shards=paths["heldout"], region_shards=paths["heldout"],
-                                  video_shards=paths.get("heldout_video", ()),
-                                  fps=video[0].fps if video else 1.0, max_frames=video[0].max_frames if video else 8)
+                                  video_shards=paths.get("video_retrieval_test", ()), fps=fps, max_frames=frames)
+    if video:  # each fine-tuned model is evaluated as soon as its run ends, while the others go on
+        test = {"fps": fps, "max_frames": frames}
+        wait(finetunes[:1])
+        results["finetune_video_retrieval"] = evaluate_checkpoint(
+            str(outp / "finetune_video_retrieval"), video_shards=paths["video_retrieval_test"], probe_direction=False,
+            **test)["video_retrieval"]
+        qa_results = {}
+        for a, job in zip(AGGREGATORS, finetunes[1:]):
+            wait([job])
+            qa_results[a] = evaluate_checkpoint(str(outp / f"finetune_video_qa_{a}"),
+                                                videoqa_shards=paths["video_qa_test"], **test)["video_qa"]
+        _say(f"fine-tuned models evaluated at {time.time() - start:.0f}s")
+        results["video_qa"] = video_qa_summary(qa_results)
     results["wall_seconds"] = round(time.time() - start, 1)
     (outp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(summary_table(results), flush=True)
