@@ -133,3 +133,15 @@ def test_published_formats_round_trip_through_the_converters(video_finetuning, t
     for shards, clips in ((v.qa, v.clips), (test, v.test_clips)):
         got = {s["json"]["video_id"]: s["json"]["qa"] for s in iterate_video_samples(shards, max_frames=1)}
         assert got == {c["key"]: [{**q, "label": labels.get(q["answer"], -1)} for q in c["qa"]] for c in clips}
+
+
+def test_a_line_that_is_not_json_is_named_in_the_error(tmp_path, videos):
+    ann = tmp_path / "qa.jsonl"
+    ann.write_text(json.dumps({"video_id": "video1", "question": "what?", "answer": "red"}) + "\nnot json\n")
+    with pytest.raises(ValueError, match=r"qa.jsonl line 2: not JSON"):
+        videoqa_to_shards(str(ann), str(videos), str(tmp_path / "o"))
+    vocab = tmp_path / "ans2label.json"
+    vocab.write_text("{'red': 0}")
+    ann.write_text(json.dumps({"video_id": "video1", "question": "what?", "answer": "red"}) + "\n")
+    with pytest.raises(ValueError, match=r"ans2label.json: not JSON"):
+        videoqa_to_shards(str(ann), str(videos), str(tmp_path / "o"), ans2label=str(vocab))

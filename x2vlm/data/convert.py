@@ -17,13 +17,22 @@ from PIL import Image
 from x2vlm.data.shards import write_shards
 
 
+def parse_json(text: str, where: str):
+    """json.loads, with a ValueError that names the file (and line) when the text is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
 def read_annotations(path: str) -> list:
     text = Path(path).read_text(encoding="utf-8")
     stripped = text.lstrip()
     if stripped.startswith("["):
-        entries = json.loads(text)
+        entries = parse_json(text, path)
     else:
-        entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+        entries = [parse_json(line, f"{path} line {n}") for n, line in enumerate(text.splitlines(), 1)
+                   if line.strip()]
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a JSON list or JSON lines")
     return entries

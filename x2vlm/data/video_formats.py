@@ -22,7 +22,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from x2vlm.data.convert import read_annotations
+from x2vlm.data.convert import parse_json, read_annotations
 
 
 def _video_id(entry: dict) -> str | None:
@@ -144,7 +144,7 @@ def videoqa_to_shards(annotations: str, video_root: str, out_dir: str, prefix: s
             kind = entry.get("type", entry.get("answer_type", ""))
             entries.append((path, question[0], answer[0], kind if isinstance(kind, str) else str(kind)))
     if ans2label:
-        vocab = json.loads(Path(ans2label).read_text(encoding="utf-8"))
+        vocab = parse_json(Path(ans2label).read_text(encoding="utf-8"), str(ans2label))
         if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
             raise ValueError(f"{ans2label}: expected a JSON object {{answer: index}}")
     else:
