@@ -5,35 +5,34 @@ import argparse
 import json
 import sys
 
-from x2vlm.config import ConfigError
+from x2vlm import logs
+from x2vlm.config import ConfigError, check_paths, load_config
 
 
 def _pretrain(args) -> int:
-    from x2vlm.config import load_config
-    from x2vlm.train.loop import pretrain
+    from x2vlm.train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
-    pretrain(cfg, resume=args.resume, stage=args.stage, init=args.init)
+    cfg = check_paths(load_config(args.config, args.overrides))
+    train(cfg, resume=args.resume, stage=args.stage, init=args.init)
     return 0
 
 
 def _finetune(args) -> int:
-    from x2vlm.config import load_config
-    from x2vlm.train.loop import pretrain
+    from x2vlm.train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = check_paths(load_config(args.config, args.overrides))
     wanted = {"video_retrieval": "video", "video_qa": "video_qa"}[args.task]
     kinds = sorted({s.kind for s in cfg.data.sources})
     if kinds != [wanted]:
         raise ConfigError(f"data.sources.kind: --task {args.task} trains on {wanted!r} sources only, got {kinds}")
     if args.task == "video_qa" and not cfg.model.qa_answers:
         raise ConfigError("model.qa_answers: --task video_qa needs the answer vocabulary size (e.g. 1500)")
-    pretrain(cfg, resume=args.resume, init=None if args.resume else args.checkpoint)
+    train(cfg, resume=args.resume, init=None if args.resume else args.checkpoint)
     return 0
 
 
 def _demo(args) -> int:
-    from x2vlm.demo import run_demo
+    from x2vlm.demo.run import run_demo
 
     run_demo(out=args.out, ranks=args.ranks, overrides=args.overrides, n_train=args.train_images,
              n_heldout=args.heldout_images, seed=args.seed)
@@ -41,23 +40,27 @@ def _demo(args) -> int:
 
 
 def _make_shards(args) -> int:
-    from x2vlm.data.convert import annotations_to_shards, synthetic_to_shards
-
     if args.synthetic:
-        paths = synthetic_to_shards(args.out, args.split, args.n, args.seed, args.image_size, args.per_shard)
+        from x2vlm.data.samples import write_shards
+        from x2vlm.demo.shapesworld import generate
+
+        samples = generate(args.split, args.n, seed=args.seed, image_size=args.image_size)
+        paths = write_shards(samples, args.out, args.split, args.per_shard)
     else:
         if not args.annotations:
             raise ConfigError("make-shards: expected --annotations FILE (or --synthetic)")
         try:
             if args.format == "images":
+                from x2vlm.data.formats.images import annotations_to_shards
+
                 paths = annotations_to_shards(args.annotations, args.image_root, args.out, args.prefix,
                                               args.per_shard)
             elif args.format == "video-retrieval":
-                from x2vlm.data.video_formats import retrieval_to_shards
+                from x2vlm.data.formats.video import retrieval_to_shards
 
                 paths = retrieval_to_shards(args.annotations, args.video_root, args.out, args.prefix, args.per_shard)
             else:
-                from x2vlm.data.video_formats import videoqa_to_shards
+                from x2vlm.data.formats.video import videoqa_to_shards
 
                 paths = videoqa_to_shards(args.annotations, args.video_root, args.out, args.prefix, args.per_shard,
                                           args.ans2label, args.vocab_size)
@@ -150,13 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.setup()
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"x2vlm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from x2vlm.train.loop import NonFiniteLoss, TooManyBadSamples
+        from x2vlm.train.state import NonFiniteLoss, TooManyBadSamples
 
         if not isinstance(e, (NonFiniteLoss, TooManyBadSamples)):
             raise

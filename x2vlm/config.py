@@ -2,17 +2,20 @@
 
     cfg = load_config("tiny", overrides=["model.fusion.layers=2", "train.steps=100"])
 
-A preset is a name of a YAML file in `x2vlm/presets/` or a path to a YAML file. Any unknown key, wrongly typed
-value or impossible value raises ConfigError with one line that names the dotted key and what was expected.
+A preset is the name of a YAML file in `x2vlm/presets/` or a path to a YAML file. Every constraint sits beside its
+field: the types (`Literal` choices, element types of lists) are checked when a configuration is built, and each
+section's `__post_init__` checks its values. A wrong key or value raises ConfigError with one line that names the
+dotted key and what was expected. A configuration changed in code is checked again with `validate(cfg)`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -21,6 +24,13 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the dotted key."""
+
+
+def positive(section, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if not value > 0:
+            raise ConfigError(f"{name}: expected a positive number, got {value!r}")
 
 
 @dataclass
@@ -36,11 +46,19 @@ class VisionConfig:
     frozen: bool = False  # keep the loaded weights, compute no gradient for them (fine-tuning on little data)
     extra: dict = field(default_factory=dict)  # further keyword arguments for timm.create_model
 
+    def __post_init__(self):
+        positive(self, "image_size", "patch_size", "width", "depth", "heads")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image_size: expected a multiple of patch_size {self.patch_size}, got "
+                              f"{self.image_size}")
+        if self.width % self.heads:
+            raise ConfigError(f"width: expected a multiple of heads {self.heads}, got {self.width}")
+
 
 @dataclass
 class TextConfig:
     model_type: str = "bert"  # any transformers model type with an encoder (bert, xlm-roberta, ...)
-    tokenizer: str = ""  # local tokenizer directory or hub id; "" = train a WordPiece tokenizer on the data
+    tokenizer: str = ""  # local tokenizer directory or hub id
     init_checkpoint: str = ""  # local directory with weights for from_pretrained; "" = random init
     hidden_size: int = 768
     layers: int = 12
@@ -51,6 +69,9 @@ class TextConfig:
     dropout: float = 0.1
     extra: dict = field(default_factory=dict)  # further keyword arguments for the transformers config
 
+    def __post_init__(self):
+        positive(self, "hidden_size", "layers", "heads", "intermediate_size", "max_len")
+
 
 @dataclass
 class FusionConfig:
@@ -60,13 +81,23 @@ class FusionConfig:
     dropout: float = 0.1
     vision_positions: bool = True  # add a patch-position table to the vision tokens that cross-attention reads
 
+    def __post_init__(self):
+        positive(self, "layers", "heads", "intermediate_size")
+
 
 @dataclass
 class VideoConfig:
-    aggregator: str = "mean"  # mean (the original X2-VLM: blind to frame order) | attention (temporal transformer)
+    aggregator: Literal["mean", "attention"] = "mean"  # mean: the original X2-VLM, blind to frame order
     max_frames: int = 8  # frame embedding table size: the most frames a clip may have
     layers: int = 1  # attention aggregator: temporal transformer layers
     heads: int = 4
+
+    def __post_init__(self):
+        positive(self, "max_frames", "layers", "heads")
+
+
+BoxPoolImpl = Literal["auto", "reference", "cpu", "triton"]  # x2vlm.ops.box_pool
+ItcImpl = Literal["auto", "reference", "chunked", "triton"]  # x2vlm.ops.contrastive_loss
 
 
 @dataclass
@@ -76,11 +107,17 @@ class ModelConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     embed_dim: int = 256
-    box_pool_impl: str = "auto"  # auto | reference | cpu | triton (x2vlm.ops.box_pool)
+    box_pool_impl: BoxPoolImpl = "auto"
     qa_answers: int = 0  # video QA: size of the answer vocabulary (a classifier on the fusion [CLS]); 0 = none
     temp: float = 0.07
     temp_min: float = 0.001
     temp_max: float = 0.5
+
+    def __post_init__(self):
+        positive(self, "embed_dim", "temp")
+        if self.text.hidden_size % self.fusion.heads:
+            raise ConfigError(f"fusion.heads: expected a divisor of text.hidden_size {self.text.hidden_size}, "
+                              f"got {self.fusion.heads}")
 
 
 @dataclass
@@ -93,14 +130,21 @@ class LossConfig:
     mlm: float = 1.0
     bbox: float = 1.0
     giou: float = 1.0
-    itc_impl: str = "auto"  # auto | reference | chunked | triton (x2vlm.ops.contrastive_loss)
+    itc_impl: ItcImpl = "auto"
+
+    def __post_init__(self):
+        if not 0 < self.mlm_prob < 1:
+            raise ConfigError(f"mlm_prob: expected a number between 0 and 1, got {self.mlm_prob}")
+
+
+SourceKind = Literal["image", "region", "video", "video_qa"]
 
 
 @dataclass
 class SourceConfig:
     name: str = "images"
-    kind: str = "image"  # image | region | video | video_qa
-    shards: list = field(default_factory=list)  # tar paths or globs
+    kind: SourceKind = "image"
+    shards: list[str] = field(default_factory=list)  # tar paths, globs, brace patterns or folders
     batch_size: int = 8  # images (or clips) per rank and step
     weight: float = 1.0  # loss weight of this source in every step
     max_texts: int = 5  # region sources: texts per image (whole-image caption + regions)
@@ -109,22 +153,39 @@ class SourceConfig:
     max_frames: int = 8  # video sources: longer clips are subsampled uniformly
     min_frames: int = 1  # video sources: shorter clips repeat frames
 
+    def __post_init__(self):
+        positive(self, "batch_size", "max_texts", "fps", "max_frames", "min_frames")
+        if self.min_frames > self.max_frames:
+            raise ConfigError(f"min_frames: source {self.name!r}: expected at most max_frames {self.max_frames}, "
+                              f"got {self.min_frames}")
+
 
 @dataclass
 class DataConfig:
-    sources: list = field(default_factory=list)  # of SourceConfig; every step takes one batch from each
+    sources: list[SourceConfig] = field(default_factory=list)  # every step takes one batch from each
     num_workers: int = 1
     crop_scale_min: float = 0.5
     hflip: bool = True
     max_skip_fraction: float = 0.1  # stop the run when more than this fraction of samples was bad
+
+    def __post_init__(self):
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"sources.name: expected unique names, got {names}")
 
 
 @dataclass
 class StageConfig:
     name: str = "stage1"
     steps: int = 100
-    sources: list = field(default_factory=list)  # names of data.sources used in every step of this stage
+    sources: list[str] = field(default_factory=list)  # names of data.sources used in every step of this stage
     lr: float = 0.0  # 0 = train.lr
+
+    def __post_init__(self):
+        positive(self, "steps")
+
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]  # auto = the DeepSpeed file's, where the hardware runs it
 
 
 @dataclass
@@ -135,12 +196,12 @@ class TrainConfig:
     new_param_lr_scale: float = 2.0  # freshly initialised parameters learn this much faster
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
     grad_clip: float = 1.0
     grad_accum: int = 1
     ds_config: str = "zero2_bf16.json"  # a file name in ds_configs/ or a path
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto = bf16 where the hardware supports it
+    precision: Precision = "auto"
     seed: int = 42
     save_every: int = 500
     keep_last: int = 0  # keep only the newest N checkpoints (0 = all)
@@ -148,10 +209,21 @@ class TrainConfig:
     sample_log: bool = False  # each rank writes the keys of the samples of every step to OUT/samples/rankN.jsonl
     log_every: int = 10
     wandb_project: str = "x2vlm"
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     # Stages run one after the other; each later stage starts from the previous stage's final weights with a
     # fresh optimizer and schedule. Empty: one stage of train.steps steps over all sources.
-    stages: list = field(default_factory=list)  # of StageConfig; train.steps must equal the sum of their steps
+    stages: list[StageConfig] = field(default_factory=list)  # train.steps must equal the sum of their steps
+
+    def __post_init__(self):
+        positive(self, "steps", "lr", "grad_accum", "save_every", "log_every", "max_bad_steps")
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas: expected two numbers, got {self.betas!r}")
+        names = [st.name for st in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stages.name: expected unique names, got {names}")
+        total = sum(st.steps for st in self.stages)
+        if self.stages and self.steps != total:
+            raise ConfigError(f"steps: expected the sum of the stages' steps ({total}), got {self.steps}")
 
 
 @dataclass
@@ -161,32 +233,39 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        names = [s.name for s in self.data.sources]
+        for i, st in enumerate(self.train.stages):
+            unknown = [n for n in st.sources if n not in names]
+            if not st.sources or unknown:
+                raise ConfigError(f"train.stages.{i}.sources: stage {st.name!r} must name sources among {names}, "
+                                  f"got {st.sources}")
+        for i, s in enumerate(self.data.sources):
+            if s.kind in ("video", "video_qa") and s.max_frames > self.model.video.max_frames:
+                raise ConfigError(f"data.sources.{i}.max_frames: source {s.name!r} takes up to {s.max_frames} "
+                                  f"frames, more than model.video.max_frames {self.model.video.max_frames}")
 
-CHOICES = {
-    "data.sources.kind": ("image", "region", "video", "video_qa"),
-    "model.video.aggregator": ("mean", "attention"),
-    "model.box_pool_impl": ("auto", "reference", "cpu", "triton"),
-    "loss.itc_impl": ("auto", "reference", "chunked", "triton"),
-    "train.precision": ("auto", "bf16", "fp16", "fp32"),
-    "train.wandb_mode": ("offline", "online", "disabled"),
-}
-POSITIVE = {
-    "model.vision.image_size", "model.vision.patch_size", "model.vision.width", "model.vision.depth",
-    "model.vision.heads", "model.text.hidden_size", "model.text.layers", "model.text.heads",
-    "model.text.intermediate_size", "model.text.max_len", "model.fusion.layers", "model.fusion.heads",
-    "model.fusion.intermediate_size", "model.embed_dim", "model.temp", "data.sources.batch_size",
-    "data.sources.max_texts", "data.sources.fps", "data.sources.max_frames", "data.sources.min_frames",
-    "model.video.max_frames", "model.video.layers", "model.video.heads", "train.stages.steps", "train.steps",
-    "train.lr", "train.grad_accum", "train.save_every", "train.log_every", "train.max_bad_steps",
-}
 
+# --- building from plain data -------------------------------------------------------------------------------
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
 def _coerce(value: Any, tp, key: str) -> Any:
-    """Check `value` against the field type `tp`; ints are accepted where floats are expected."""
+    """`value` checked against the field type `tp` (ints are accepted where floats are expected)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        if dataclasses.is_dataclass(item):
+            return [_build(item, v, f"{key}.{i}") for i, v in enumerate(value)]
+        return value if item is Any else [_coerce(v, item, f"{key}.{i}") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
@@ -200,120 +279,117 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if not isinstance(value, tp):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
         return value
-    if tp is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return value
     if tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+def _field_type(section, name: str, key: str):
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        names = ", ".join(sorted(f.name for f in dataclasses.fields(section)))
+        raise ConfigError(f"{key}: unknown key (expected one of: {names})")
+    return hints[name]
+
+
+def _construct(cls, kwargs: dict, prefix: str):
+    """cls(**kwargs), with the section's own checks' errors named by their full dotted key."""
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
+
+
 def _build(cls, raw: Any, prefix: str):
+    if isinstance(raw, cls):  # a section built in code: checked by validate()
+        return raw
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else key
             raise ConfigError(f"{where}: unknown key (expected one of: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in raw:
-            continue
+    kwargs = {name: _coerce(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
+              for name in names if name in raw}
+    return _construct(cls, kwargs, prefix)
+
+
+def validate(cfg, prefix: str = ""):
+    """Run every section's checks again (after a configuration was changed in code); returns `cfg`."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        tp = hints[f.name]
-        value = raw[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, value, key)
-        elif key in LISTS:
-            if not isinstance(value, list):
-                raise ConfigError(f"{key}: expected a list, got {value!r}")
-            kwargs[f.name] = [_build(LISTS[key], v, key) for v in value]
-        else:
-            kwargs[f.name] = _coerce(value, tp, key)
-    return cls(**kwargs)
-
-
-LISTS = {"data.sources": SourceConfig, "train.stages": StageConfig}  # lists of sections
-
-
-def _walk(obj, prefix=""):
-    for f in dataclasses.fields(obj):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        value = getattr(obj, f.name)
+        value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            yield from _walk(value, key)
-        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
-            for item in value:
-                yield from _walk(item, key)
+            validate(value, key)
+        elif isinstance(value, list) and any(dataclasses.is_dataclass(v) for v in value):
+            for i, v in enumerate(value):
+                validate(v, f"{key}.{i}")
         else:
-            yield key, value
-
-
-def validate(cfg: RunConfig, check_paths: bool = True) -> RunConfig:
-    """Value checks that types alone cannot express. Raises ConfigError naming the key."""
-    for key, value in _walk(cfg):
-        if key in CHOICES and value not in CHOICES[key]:
-            raise ConfigError(f"{key}: expected one of {', '.join(CHOICES[key])}, got {value!r}")
-        if key in POSITIVE and not value > 0:
-            raise ConfigError(f"{key}: expected a positive number, got {value!r}")
-    v = cfg.model.vision
-    if v.image_size % v.patch_size:
-        raise ConfigError(f"model.vision.image_size: expected a multiple of patch_size {v.patch_size}, "
-                          f"got {v.image_size}")
-    if v.width % v.heads:
-        raise ConfigError(f"model.vision.width: expected a multiple of heads {v.heads}, got {v.width}")
-    if cfg.model.text.hidden_size % cfg.model.fusion.heads:
-        raise ConfigError(f"model.fusion.heads: expected a divisor of model.text.hidden_size "
-                          f"{cfg.model.text.hidden_size}, got {cfg.model.fusion.heads}")
-    if not 0 < cfg.loss.mlm_prob < 1:
-        raise ConfigError(f"loss.mlm_prob: expected a number between 0 and 1, got {cfg.loss.mlm_prob}")
-    if len(cfg.train.betas) != 2:
-        raise ConfigError(f"train.betas: expected two numbers, got {cfg.train.betas!r}")
-    names = [s.name for s in cfg.data.sources]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"data.sources.name: expected unique names, got {names}")
-    for s in cfg.data.sources:
-        if s.kind == "video" and s.max_frames > cfg.model.video.max_frames:
-            raise ConfigError(f"data.sources.max_frames: source {s.name!r} takes up to {s.max_frames} frames, more "
-                              f"than model.video.max_frames {cfg.model.video.max_frames}")
-        if s.min_frames > s.max_frames:
-            raise ConfigError(f"data.sources.min_frames: source {s.name!r}: expected at most max_frames "
-                              f"{s.max_frames}, got {s.min_frames}")
-    stages = cfg.train.stages
-    if stages:
-        if len({st.name for st in stages}) != len(stages):
-            raise ConfigError(f"train.stages.name: expected unique names, got {[st.name for st in stages]}")
-        for st in stages:
-            unknown = [n for n in st.sources if n not in names]
-            if not st.sources or unknown:
-                raise ConfigError(f"train.stages.sources: stage {st.name!r} must name sources among {names}, "
-                                  f"got {st.sources}")
-        total = sum(st.steps for st in stages)
-        if cfg.train.steps != total:
-            raise ConfigError(f"train.steps: expected the sum of the stages' steps ({total}), got {cfg.train.steps}")
-    if check_paths:
-        for path_key, path in (("model.vision.init_checkpoint", v.init_checkpoint),
-                               ("model.text.init_checkpoint", cfg.model.text.init_checkpoint)):
-            if path and not os.path.exists(path):
-                raise ConfigError(f"{path_key}: file not found: {path}")
-        from x2vlm.data.shards import expand_shards  # late import: the data package imports this module
-
-        for s in cfg.data.sources:
-            if not s.shards:
-                raise ConfigError(f"data.sources.shards: source {s.name!r} names no shards")
-            try:
-                expand_shards(s.shards)
-            except FileNotFoundError as e:
-                raise ConfigError(f"data.sources.shards: source {s.name!r}: {e}") from None
+            _coerce(value, hints[f.name], key)
+    post = getattr(cfg, "__post_init__", None)
+    if post is not None:
+        try:
+            post()
+        except ConfigError as e:
+            raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
     return cfg
 
+
+def update(cfg, values: dict):
+    """A checked copy of a configuration with dotted keys set to values given as objects (numbers, strings,
+    lists, sections or plain dicts for sections), e.g. update(cfg, {"train.steps": 40, "data.sources":
+    [SourceConfig(name="clips", kind="video", shards=paths)]})."""
+    new = copy.deepcopy(cfg)
+    for key, value in values.items():
+        *path, last = key.split(".")
+        node = new
+        for i, part in enumerate(path):
+            where = ".".join(path[:i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{where}: expected a list index below {len(node)}")
+                node = node[int(part)]
+            elif dataclasses.is_dataclass(node):
+                _field_type(node, part, where)
+                node = getattr(node, part)
+            else:
+                raise ConfigError(f"{where}: not a section")
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"{key}: expected a list index below {len(node)}")
+            old = node[int(last)]
+            node[int(last)] = _build(type(old), value, key) if dataclasses.is_dataclass(old) else value
+        else:
+            setattr(node, last, _coerce(value, _field_type(node, last, key), key))
+    return validate(new)
+
+
+def override(cfg, overrides: list[str]):
+    """A configuration with command-line style overrides ("key=value", the value in YAML) applied."""
+    raw = to_dict(cfg)
+    _apply_overrides(raw, overrides)
+    return from_dict(raw)
+
+
+def check_paths(cfg: RunConfig) -> RunConfig:
+    """The local files a run starts from must exist (shards are checked by the data layer)."""
+    for key, path in (("model.vision.init_checkpoint", cfg.model.vision.init_checkpoint),
+                      ("model.text.init_checkpoint", cfg.model.text.init_checkpoint)):
+        if path and not os.path.exists(path):
+            raise ConfigError(f"{key}: file not found: {path}")
+    return cfg
+
+
+# --- YAML, presets and overrides -------------------------------------------------------------------------------
 
 def _parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else ""
@@ -356,9 +432,7 @@ def preset_path(name: str) -> Path:
     return p
 
 
-def load_raw(preset: str, overrides: list[str] | None = None) -> dict:
-    with open(preset_path(preset)) as f:
-        raw = yaml.safe_load(f) or {}
+def _apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
@@ -367,12 +441,18 @@ def load_raw(preset: str, overrides: list[str] | None = None) -> dict:
     return raw
 
 
-def from_dict(raw: dict, check_paths: bool = True) -> RunConfig:
-    return validate(_build(RunConfig, raw, ""), check_paths=check_paths)
+def load_raw(preset: str, overrides: list[str] | None = None) -> dict:
+    with open(preset_path(preset)) as f:
+        raw = yaml.safe_load(f) or {}
+    return _apply_overrides(raw, overrides)
 
 
-def load_config(preset: str, overrides: list[str] | None = None, check_paths: bool = True) -> RunConfig:
-    return from_dict(load_raw(preset, overrides), check_paths=check_paths)
+def from_dict(raw: dict) -> RunConfig:
+    return _build(RunConfig, raw, "")
+
+
+def load_config(preset: str, overrides: list[str] | None = None) -> RunConfig:
+    return from_dict(load_raw(preset, overrides))
 
 
 def to_dict(cfg) -> dict:

@@ -1,2 +1,3 @@
-"""Data: the ShapesWorld generator (shapesworld), WebDataset shards (shards), box-aware transforms (transforms),
-tokenizers (tokenizer), MLM masking (masking) and per-source loaders (pipeline)."""
+"""Data: shard files (shards), what a sample is in them (samples), box-aware transforms (transforms), tokenizers
+(tokenizer), MLM masking (masking), per-source loaders and batches (pipeline), and converters from published
+annotation formats to shards (formats)."""

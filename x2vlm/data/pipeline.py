@@ -24,13 +24,10 @@ import torch
 
 from x2vlm.config import DataConfig, LossConfig, SourceConfig
 from x2vlm.data.masking import mask_batch
-from x2vlm.data.shards import ShardStream, expand_shards
-from x2vlm.data.transforms import MEAN, STD, eval_transform, train_transform
-
-
-def add_counts(total: dict, counts) -> None:
-    for kind, n in (counts or {}).items():
-        total[kind] = total.get(kind, 0) + int(n)
+from x2vlm.data.samples import ClipDecoder, add_counts, decode_image
+from x2vlm.data.shards import ShardStream
+from x2vlm.data.tokenizer import tokenize
+from x2vlm.data.transforms import eval_transform, frames_to_tensor, train_transform
 
 
 class Batcher:
@@ -86,51 +83,11 @@ class Batcher:
 
     def text_fields(self, texts: list, gen: torch.Generator) -> dict:
         """Token ids, attention masks and the MLM-masked copy of a batch's texts."""
-        enc = self.tok(texts, padding="longest", truncation=True, max_length=self.max_len, return_tensors="pt")
+        enc = tokenize(self.tok, texts, self.max_len)
         lc = self.loss_cfg
         mlm_ids, mlm_labels = mask_batch(self.tok, enc, lc.mlm_prob, lc.max_masks, lc.span_prob, gen)
-        return {"text_ids": enc["input_ids"].long(), "text_atts": enc["attention_mask"].long(),
-                "mlm_ids": mlm_ids.long(), "mlm_labels": mlm_labels.long()}
-
-
-def frames_to_tensor(frames: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float [T, 3, size, size], resized (bilinear, antialiased) and normalised as images."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
-    if x.shape[-2:] != (size, size):
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                            align_corners=False)
-    return (x - MEAN) / STD
-
-
-class VideoDecoder:
-    """ShardStream decoder of video samples: frames sampled at `fps` (random offsets when training). A sample
-    needs a caption ("video" sources; with "captions", training draws one of them) or question-answer pairs
-    ("video_qa" sources: json "qa": [{"question", "label", ...}])."""
-
-    def __init__(self, fps: float, max_frames: int, min_frames: int, train: bool, qa: bool = False):
-        self.fps, self.max_frames, self.min_frames, self.train, self.qa = fps, max_frames, min_frames, train, qa
-
-    def __call__(self, key: str, files: dict, rng: np.random.Generator):
-        from video.shards import decode_video_sample
-
-        sample, kind = decode_video_sample(key, files, self.fps, self.max_frames, self.min_frames, self.train, rng)
-        if sample is None:
-            return None, {kind: 1}
-        meta = sample["json"]
-        if self.qa:
-            qa = meta.get("qa")
-            ok = isinstance(qa, list) and qa and all(isinstance(q, dict) and isinstance(q.get("question"), str)
-                                                      and isinstance(q.get("label"), int) for q in qa)
-            return (sample, {}) if ok else (None, {"bad_qa": 1})
-        captions = meta.get("captions") if isinstance(meta.get("captions"), list) else [meta.get("caption")]
-        captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
-        if not captions:
-            return None, {"empty_text": 1}
-        if self.train and len(captions) > 1:  # (no draw for a single caption: the sampling stream stays as is)
-            meta["caption"] = captions[int(rng.integers(len(captions)))]
-        else:
-            meta["caption"] = captions[0]
-        return sample, {}
+        return {"text_ids": enc["input_ids"], "text_atts": enc["attention_mask"], "mlm_ids": mlm_ids.long(),
+                "mlm_labels": mlm_labels.long()}
 
 
 def pad_clips(clips: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,10 +131,9 @@ class VideoQABatcher(Batcher):
     def __call__(self, samples: list, skipped: dict, rng: np.random.Generator, gen: torch.Generator) -> dict:
         videos, frame_mask = pad_clips([frames_to_tensor(s["frames"], self.size) for s in samples])
         picked = [s["json"]["qa"][int(rng.integers(len(s["json"]["qa"])))] for s in samples]
-        enc = self.tok([q["question"] for q in picked], padding="longest", truncation=True, max_length=self.max_len,
-                       return_tensors="pt")
-        return {"videos": videos, "frame_mask": frame_mask, "text_ids": enc["input_ids"].long(),
-                "text_atts": enc["attention_mask"].long(), "image_idx": torch.arange(len(samples)),
+        enc = tokenize(self.tok, [q["question"] for q in picked], self.max_len)
+        return {"videos": videos, "frame_mask": frame_mask, "text_ids": enc["input_ids"],
+                "text_atts": enc["attention_mask"], "image_idx": torch.arange(len(samples)),
                 "answer_labels": torch.tensor([q["label"] for q in picked]), "skipped": dict(skipped),
                 "keys": [s["key"] for s in samples]}
 
@@ -231,17 +187,22 @@ class SourceBatches(torch.utils.data.IterableDataset):
             warnings.warn(f"bad samples at the end of the shards, after the last batch: {skipped}", stacklevel=2)
 
 
+def decoder(source: SourceConfig, train: bool):
+    """The sample decoder of a source's kind."""
+    if source.kind in ("video", "video_qa"):
+        return ClipDecoder(source.fps, source.max_frames, source.min_frames, train,
+                           needs="qa" if source.kind == "video_qa" else "caption")
+    return decode_image
+
+
 def build_loader(source: SourceConfig, data_cfg: DataConfig, tokenizer, image_size: int, max_len: int,
                  loss_cfg: LossConfig, seed: int, train: bool = True, rank: int | None = None,
                  world_size: int | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader of batches of one source: endless and augmented when `train`, one plain pass otherwise."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenise; no threads inside them
     workers = data_cfg.num_workers
-    video = source.kind in ("video", "video_qa")
-    decode = VideoDecoder(source.fps, source.max_frames, source.min_frames, train,
-                          qa=source.kind == "video_qa") if video else None
-    stream = ShardStream(source.shards, seed=seed, infinite=train, shuffle=train, rank=rank,
-                         world_size=world_size, num_workers=workers, decode=decode)
+    stream = ShardStream(source.shards, decoder(source, train), seed=seed, infinite=train, shuffle=train, rank=rank,
+                         world_size=world_size, num_workers=workers)
     kind = {"video": VideoBatcher, "video_qa": VideoQABatcher}.get(source.kind, Batcher)
     batcher = kind(source.kind, tokenizer, image_size, max_len, loss_cfg, source.max_texts, train,
                    data_cfg.crop_scale_min, data_cfg.hflip, source.with_caption)
@@ -260,10 +221,10 @@ def build_loaders(data_cfg: DataConfig, tokenizer, image_size: int, max_len: int
             for i, s in enumerate(data_cfg.sources)}
 
 
-def iterate_samples(shards, skipped: dict | None = None):
-    """Decoded samples {"key", "image": PIL RGB, "json": dict} of the shards in order: one pass, one process, no
-    augmentation. Bad input is skipped, added to `skipped` when given, and reported in a warning."""
-    stream = ShardStream(expand_shards(shards), infinite=False, shuffle=False, rank=0, world_size=1)
+def iterate_samples(shards, decode=decode_image, skipped: dict | None = None):
+    """Decoded samples of the shards in order (one pass, one process, no augmentation): images by default, clips
+    with a ClipDecoder. Bad input is skipped, added to `skipped` when given, and reported in a warning."""
+    stream = ShardStream(shards, decode, infinite=False, shuffle=False, rank=0, world_size=1)
     counts: dict = {}
     for item in stream:
         add_counts(counts, item.pop("_skipped", None))

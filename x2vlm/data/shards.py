@@ -1,22 +1,19 @@
-"""WebDataset shards: a writer, and a streaming reader split across ranks and DataLoader workers.
+"""WebDataset shards: finding them, writing them, and reading them by position across ranks and loader workers.
 
-A sample is `KEY.jpg` (JPEG, quality 95; `image_format="png"` writes lossless `KEY.png`) and `KEY.json`:
-{"caption": str, "regions": [{"box": [x, y, w, h], "phrase": str}, ...], any further fields}. Boxes are in
-pixels. An image-text sample has no (or empty) regions.
+Writing: `ShardWriter` puts records ({"__key__", extension: bytes, ...}) into numbered tar files, each written
+under a temporary name and renamed when complete. What the records hold is x2vlm.data.samples' business.
 
-Reading: every epoch all ranks shuffle the shard list with the same seed (seed + epoch); global worker
-g = rank * workers + worker then reads shards g, g + T, g + 2T, ... (T = ranks * workers), so within an epoch
-no shard is read twice or missed. Bad input is skipped and counted: the stream then yields a record
-{"_skipped": {kind: count}} without a "key" in place of the sample, so that the counts reach the main process
-through DataLoader workers. Kinds: bad_image, bad_json, bad_utf8, missing_caption, empty_text, bad_shard,
-bad_box (a region whose box has no area inside the image; the region is dropped, the sample kept).
+Reading (`ShardStream`): every epoch all ranks shuffle the shard list with the same seed (seed + epoch); global
+worker g = rank * workers + worker then reads shards g, g + T, g + 2T, ... (T = ranks * workers), so within an
+epoch no shard is read twice or missed. A shard's samples are found by its tar index (headers only) and read by
+seeking, in a random order per shard and epoch. A decoder turns a sample's files into a sample; bad input is
+skipped and counted: the stream then yields {"_skipped": {kind: count}} without a "key" in place of the sample,
+so that the counts reach the main process through DataLoader workers. A missing, unreadable or truncated shard
+counts as "bad_shard" (the samples before the damage are used).
 """
 from __future__ import annotations
 
 import glob
-import io
-import json
-import math
 import os
 import random
 import tarfile
@@ -26,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from braceexpand import braceexpand
-from PIL import Image
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from x2vlm.config import ConfigError
+from x2vlm.distributed import env_rank_world
 
 
 def expand_shards(patterns) -> list:
@@ -49,18 +46,6 @@ def expand_shards(patterns) -> list:
                 raise FileNotFoundError(f"no shard matches {p!r}")
             out.extend(found)
     return sorted(set(out))
-
-
-def encode_image(image, image_format: str = "jpg", quality: int = 95) -> bytes:
-    """PIL image or uint8 HxWx3 array -> JPEG or PNG bytes."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buf = io.BytesIO()
-    if image_format == "png":
-        image.convert("RGB").save(buf, format="PNG")
-    else:
-        image.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 class ShardWriter:
@@ -114,18 +99,20 @@ class ShardWriter:
         self.finish_shard()
 
 
-def write_shards(samples, out_dir: str, prefix: str, samples_per_shard: int, image_format: str = "jpg",
-                 quality: int = 95) -> list:
-    """Write samples {"key", "image" (PIL or uint8 array), "caption", "regions", other JSON-able fields} to
-    out_dir/prefix-000000.tar, ... (see ShardWriter); returns the shard paths."""
-    if image_format not in ("jpg", "png"):
-        raise ValueError(f"image_format: expected 'jpg' or 'png', got {image_format!r}")
-    with ShardWriter(out_dir, prefix, samples_per_shard) as out:
-        for s in samples:
-            meta = {k: v for k, v in s.items() if k not in ("key", "image")}
-            out.write({"__key__": str(s["key"]), image_format: encode_image(s["image"], image_format, quality),
-                       "json": json.dumps(meta).encode("utf-8")})
-    return out.paths
+def sample_key(path: str | os.PathLike) -> str:
+    """A shard key for a file named by a relative path: extension dropped, '/' and '.' turned into '_'."""
+    return Path(path).with_suffix("").as_posix().replace("/", "_").replace(".", "_")
+
+
+def require_shards(sources) -> None:
+    """Every data source names shards that exist (ConfigError naming the source otherwise)."""
+    for i, s in enumerate(sources):
+        if not s.shards:
+            raise ConfigError(f"data.sources.{i}.shards: source {s.name!r} names no shards")
+        try:
+            expand_shards(s.shards)
+        except FileNotFoundError as e:
+            raise ConfigError(f"data.sources.{i}.shards: source {s.name!r}: {e}") from None
 
 
 def member_key(member: tarfile.TarInfo) -> tuple[str, str]:
@@ -134,28 +121,11 @@ def member_key(member: tarfile.TarInfo) -> tuple[str, str]:
     return os.path.join(os.path.dirname(member.name), k), ext.lower()
 
 
-def tar_samples(path: str):
-    """(key, {ext: bytes}) for each sample of a tar file; consecutive files with one key form a sample."""
-    with tarfile.open(path, "r|*") as tar:
-        key, files = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, ext = member_key(member)
-            if k != key and files:
-                yield key, files
-                files = {}
-            key = k
-            files[ext] = tar.extractfile(member).read()
-        if files:
-            yield key, files
-
-
 def tar_index(tar: tarfile.TarFile, path: str):
     """([(key, [(ext, member), ...]), ...], damaged) of an open tar: its samples (consecutive files with one key)
-    found by reading the headers only. Damaged: a member whose data runs past the end of the file (dropped with its
-    sample), a header that cannot be read, or no end-of-archive marker after the last member (the members before
-    the damage are kept)."""
+    found by reading the headers only. Damaged: a member whose data runs past the end of the file, a header that
+    cannot be read, or no end-of-archive marker after the last member. The samples before the damage are kept; the
+    last sample found in a damaged tar is dropped, since members of it may be missing."""
     samples: list = []
     damaged = False
     try:
@@ -177,79 +147,9 @@ def tar_index(tar: tarfile.TarFile, path: str):
         with open(path, "rb") as f:
             f.seek(-(-max(ends, default=0) // 512) * 512)
             damaged = damaged or f.read(1024) != bytes(1024)
+    if damaged and samples:
+        samples.pop()
     return samples, damaged
-
-
-def _box_ok(box) -> bool:
-    return (isinstance(box, (list, tuple)) and len(box) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box))
-
-
-def clean_regions(regions, width: int, height: int):
-    """Regions clipped to the image; (kept, number dropped for a box without area inside the image)."""
-    kept, dropped = [], 0
-    for r in regions:
-        x, y, w, h = map(float, r["box"])
-        x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)
-        if x1 - x0 <= 0 or y1 - y0 <= 0:
-            dropped += 1
-            continue
-        kept.append({**r, "box": [x0, y0, x1 - x0, y1 - y0]})
-    return kept, dropped
-
-
-def decode_sample(key: str, files: dict):
-    """(sample, {kind: count}) where sample = {"key", "image": PIL RGB, "json": dict} or None when unusable."""
-    ext = next((e for e in IMAGE_EXTS if e in files), None)
-    if ext is None:
-        return None, {"bad_image": 1}
-    if "json" not in files:
-        return None, {"bad_json": 1}
-    try:
-        meta = json.loads(files["json"].decode("utf-8"))
-    except UnicodeDecodeError:
-        return None, {"bad_utf8": 1}
-    except ValueError:
-        return None, {"bad_json": 1}
-    if not isinstance(meta, dict):
-        return None, {"bad_json": 1}
-    if "caption" not in meta:
-        return None, {"missing_caption": 1}
-    caption, regions = meta["caption"], meta.get("regions") or []
-    if not isinstance(caption, str) or not isinstance(regions, list):
-        return None, {"bad_json": 1}
-    if not caption.strip():
-        return None, {"empty_text": 1}
-    for r in regions:
-        if not isinstance(r, dict) or not _box_ok(r.get("box")) or not isinstance(r.get("phrase"), str):
-            return None, {"bad_json": 1}
-        if not r["phrase"].strip():
-            return None, {"empty_text": 1}
-    try:
-        with Image.open(io.BytesIO(files[ext])) as im:
-            image = im.convert("RGB")
-    except Exception:
-        return None, {"bad_image": 1}
-    regions, dropped = clean_regions(regions, *image.size)
-    meta = {**meta, "caption": caption.strip(), "regions": [{**r, "phrase": r["phrase"].strip()} for r in regions]}
-    return {"key": key, "image": image, "json": meta}, ({"bad_box": dropped} if dropped else {})
-
-
-def decode_image_sample(key: str, files: dict, rng=None):
-    """ShardStream's default decoder: image samples (decode_sample); `rng` is not needed."""
-    return decode_sample(key, files)
-
-
-def dist_info(rank: int | None = None, world_size: int | None = None):
-    """(rank, world size): explicit arguments, else torch.distributed, else RANK / WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    else:
-        r, w = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    r, w = (r if rank is None else rank), (w if world_size is None else world_size)
-    if not 0 <= r < w:
-        raise ValueError(f"rank {r} is not in 0..{w - 1}")
-    return r, w
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -267,14 +167,18 @@ class ShardStream(torch.utils.data.IterableDataset):
     without "key" carry only "_skipped" counts.
     """
 
-    def __init__(self, shards, seed: int = 0, infinite: bool = True, shuffle: bool = True,
-                 rank: int | None = None, world_size: int | None = None, num_workers: int | None = None,
-                 decode=None):
-        """`decode(key, files, rng)` -> (sample or None, {kind: count}); default: image samples (decode_sample)."""
+    def __init__(self, shards, decode, seed: int = 0, infinite: bool = True, shuffle: bool = True,
+                 rank: int | None = None, world_size: int | None = None, num_workers: int | None = None):
+        """`decode(key, files, rng)` -> (sample or None, {kind: count}) (see x2vlm.data.samples). Rank and world
+        size default to the process group's (or the launcher's variables)."""
         self.shards = expand_shards(shards)
-        self.decode = decode or decode_image_sample
+        self.decode = decode
         self.seed, self.infinite, self.shuffle = seed, infinite, shuffle
-        self.rank, self.world_size = dist_info(rank, world_size)
+        env_rank, env_world = env_rank_world()
+        self.rank = env_rank if rank is None else rank
+        self.world_size = env_world if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
         self.epoch = 0  # first epoch of a stream that has no start position
         self.start: dict[int, tuple[int, int, int]] = {}
         self.worker_offset = 0  # DataLoader worker i reads as worker (i + offset) % workers

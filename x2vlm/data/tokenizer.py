@@ -1,4 +1,5 @@
-"""Tokenizers: train a small BERT-style WordPiece tokenizer on a corpus, or load one from a folder or hub id."""
+"""Tokenizers: train a small BERT-style WordPiece tokenizer on a corpus, load one from a folder or hub id, and
+tokenise a batch of texts the one way the project does."""
 from __future__ import annotations
 
 import os
@@ -60,3 +61,11 @@ def load_tokenizer(name_or_dir: str):
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"tokenizer {name_or_dir!r}: a fast tokenizer is needed (word ids for whole-word masking)")
     return tok
+
+
+def tokenize(tokenizer, texts, max_len: int):
+    """A batch of texts -> the tokenizer's output with int64 "input_ids" and "attention_mask" [M, L], padded to
+    the longest text and cut at `max_len` tokens (word ids stay available for whole-word masking)."""
+    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+    enc["input_ids"], enc["attention_mask"] = enc["input_ids"].long(), enc["attention_mask"].long()
+    return enc

@@ -4,6 +4,7 @@ train_transform: a RandomResizedCrop-style crop (area share in [scale_min, 1], a
 contains one chosen box whole, boxes kept when more than half of their area lies inside (clipped), a bicubic
 resize to size x size, and a horizontal flip with p=0.5 unless a text speaks of left or right.
 eval_transform: resize only. Both end in a float tensor [3, size, size] normalised with mean = std = 0.5.
+frames_to_tensor: a clip's frames, resized and normalised as images.
 """
 from __future__ import annotations
 
@@ -89,3 +90,12 @@ def eval_transform(image: Image.Image, boxes, size: int):
     if image.size != (size, size):
         image = image.resize((size, size), Image.BICUBIC)
     return to_tensor(image), [[x * sx, y * sy, w * sx, h * sy] for x, y, w, h in boxes]
+
+
+def frames_to_tensor(frames: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [T, 3, size, size], resized (bilinear, antialiased) and normalised as images."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+    if x.shape[-2:] != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)
+    return (x - MEAN) / STD

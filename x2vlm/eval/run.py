@@ -2,31 +2,40 @@
 direction-of-motion probe, video QA; each result with the protocol that pins its numbers."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 
-from x2vlm.data.pipeline import iterate_samples
+from x2vlm.data.pipeline import iterate_samples, pad_clips
+from x2vlm.data.samples import ClipDecoder
 from x2vlm.data.shards import expand_shards
-from x2vlm.data.transforms import eval_transform
+from x2vlm.data.tokenizer import tokenize
+from x2vlm.data.transforms import eval_transform, frames_to_tensor
 from x2vlm.eval.grounding import evaluate_grounding
 from x2vlm.eval.retrieval import evaluate_retrieval
 from x2vlm.eval.video import direction_probe
-from x2vlm.train.checkpoint import find_export, load_pretrained, weights_sha256
+from x2vlm.eval.videoqa import evaluate_videoqa
+from x2vlm.pretrained import find_export, load_pretrained, weights_sha256
 
 
 def make_tokenize(tokenizer, max_len: int):
-    def tokenize(texts):
-        enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+    """texts -> (ids, atts) [M, L], as training tokenises them."""
+    def tokenize_texts(texts):
+        enc = tokenize(tokenizer, texts, max_len)
         return enc["input_ids"], enc["attention_mask"]
-    return tokenize
+    return tokenize_texts
+
+
+def clips(shards, fps: float = 1.0, max_frames: int = 8, min_frames: int = 1, needs: str | None = None,
+          skipped: dict | None = None):
+    """Decoded clips of video shards in shard order, sampled at `fps` at the evaluation offsets (no randomness)."""
+    return iterate_samples(shards, ClipDecoder(fps, max_frames, min_frames, train=False, needs=needs), skipped)
 
 
 def load_pool(shards, image_size: int):
     """Images and captions of image-text shards, one caption per image, in shard order."""
     images, captions = [], []
-    for s in iterate_samples(expand_shards(shards)):
+    for s in iterate_samples(shards):
         img, _ = eval_transform(s["image"], [], image_size)
         images.append(img)
         captions.append(s["json"]["caption"])
@@ -36,7 +45,7 @@ def load_pool(shards, image_size: int):
 def load_grounding(shards, image_size: int, min_shapes: int = 2):
     """(image, [(phrase, box)]) for images with at least `min_shapes` regions; boxes in output pixels."""
     out = []
-    for s in iterate_samples(expand_shards(shards)):
+    for s in iterate_samples(shards):
         regions = s["json"].get("regions") or []
         if len(regions) < min_shapes:
             continue
@@ -46,24 +55,10 @@ def load_grounding(shards, image_size: int, min_shapes: int = 2):
 
 
 def load_video_pool(shards, image_size: int, fps: float = 1.0, max_frames: int = 8, min_frames: int = 1):
-    """Clips (padded to the longest, with a frame mask) and captions of video shards, in shard order; frames
-    sampled at `fps` at the evaluation offsets (no randomness)."""
-    from video.shards import iterate_video_samples
-    from x2vlm.data.pipeline import frames_to_tensor
-
-    clips, captions, skipped = [], [], {}
-    for s in iterate_video_samples(expand_shards(shards), fps, max_frames, min_frames, train=False,
-                                   skipped=skipped):
-        clips.append(frames_to_tensor(s["frames"], image_size))
-        captions.append(s["json"]["caption"])
-    if skipped:
-        warnings.warn(f"video pool: skipped {skipped}", stacklevel=2)
-    f = max(len(c) for c in clips)
-    videos = torch.zeros(len(clips), f, *clips[0].shape[1:])
-    mask = torch.zeros(len(clips), f, dtype=torch.bool)
-    for i, c in enumerate(clips):
-        videos[i, :len(c)], mask[i, :len(c)] = c, True
-    return videos, mask, captions
+    """Clips (padded to the longest, with a frame mask) and captions of video shards, in shard order."""
+    samples = list(clips(shards, fps, max_frames, min_frames, needs="caption"))
+    videos, mask = pad_clips([frames_to_tensor(s["frames"], image_size) for s in samples])
+    return videos, mask, [s["json"]["caption"] for s in samples]
 
 
 def split_name(shards) -> str:
@@ -116,12 +111,9 @@ def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rera
             result["video_direction"] = {**direction_probe(model, videos, mask, captions, tokenize),
                                          "protocol": protocol(sha, video_shards, **sampling)}
     if videoqa_shards:
-        from video.shards import iterate_video_samples
-        from x2vlm.eval.videoqa import evaluate_videoqa
-
         skipped: dict = {}
-        clips = iterate_video_samples(expand_shards(videoqa_shards), fps, max_frames, skipped=skipped)
-        qa = evaluate_videoqa(model, clips, tokenize, size)
+        qa = evaluate_videoqa(model, clips(videoqa_shards, fps, max_frames, needs="qa", skipped=skipped), tokenize,
+                              size)
         result["video_qa"] = {**qa, "skipped_clips": skipped,
                               "protocol": protocol(sha, videoqa_shards, **sampling, n_questions=qa["n"],
                                                    n_clips=qa.get("clips", 0))}

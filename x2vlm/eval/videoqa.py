@@ -12,6 +12,9 @@ from itertools import islice
 
 import torch
 
+from x2vlm.data.pipeline import pad_clips
+from x2vlm.data.transforms import frames_to_tensor
+
 
 def _batches(samples, size: int):
     it = iter(samples)
@@ -22,11 +25,9 @@ def _batches(samples, size: int):
 @torch.no_grad()
 def evaluate_videoqa(model, samples, tokenize, image_size: int, batch: int = 16) -> dict:
     """`samples`: decoded clips {"frames", "json": {"qa": [{"question", "label", "type"}]}} (e.g. from
-    video.shards.iterate_video_samples), evaluated `batch` clips at a time with all their questions. Returns
+    x2vlm.eval.run.clips), evaluated `batch` clips at a time with all their questions. Returns
     {"acc", "n", "clips", "chance", "majority" (always the most frequent answer), "outside_vocab",
     "by_type": {type: {"acc", "n", "chance", ...}}}."""
-    from x2vlm.data.pipeline import frames_to_tensor, pad_clips
-
     model.eval()
     rows, clips = [], 0  # (hit, type, label) per question
     for chunk in _batches(samples, batch):
@@ -34,9 +35,8 @@ def evaluate_videoqa(model, samples, tokenize, image_size: int, batch: int = 16)
         videos, frame_mask = pad_clips([frames_to_tensor(s["frames"], image_size) for s in chunk])
         qa = [(i, q) for i, s in enumerate(chunk) for q in s["json"]["qa"]]
         ids, atts = tokenize([q["question"] for _, q in qa])
-        inputs = {"videos": videos, "frame_mask": frame_mask, "text_ids": ids, "text_atts": atts,
-                  "image_idx": torch.tensor([i for i, _ in qa])}
-        pred = model.qa_logits(inputs).argmax(-1).tolist()
+        vis = model.encode_video(videos, frame_mask)  # [B, 1 + P, Dv]
+        pred = model.answer_logits(vis, ids, atts, torch.tensor([i for i, _ in qa])).argmax(-1).tolist()
         rows += [(q["label"] >= 0 and p == q["label"], q.get("type") or "", q["label"])
                  for (_, q), p in zip(qa, pred)]
     if not rows:

@@ -36,7 +36,7 @@ class Attention(nn.Module):
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         m, n, d = x.shape
-        return x.view(m, n, self.heads, d // self.heads).transpose(1, 2)
+        return x.view(m, n, self.heads, d // self.heads).transpose(1, 2)  # [M, H, N, D / H]
 
     def keys_values(self, kv: torch.Tensor, index: torch.Tensor | None, first: torch.Tensor | None):
         k, v = self.k(kv), self.v(kv)  # [N, V, D]: once per image
@@ -48,12 +48,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor, index: torch.Tensor | None = None,
                 first: torch.Tensor | None = None) -> torch.Tensor:
-        k, v = self.keys_values(kv, index, first)
-        q, k, v = self.split_heads(self.q(x)), self.split_heads(k), self.split_heads(v)
+        k, v = self.keys_values(kv, index, first)  # [M, V, D] each
+        q, k, v = self.split_heads(self.q(x)), self.split_heads(k), self.split_heads(v)  # [M, H, L | V, D / H]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_mask[:, None, None, :],
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0)  # [M, H, L, D / H]
         m, h, n, d = y.shape
-        return self.out(y.transpose(1, 2).reshape(m, n, h * d))
+        return self.out(y.transpose(1, 2).reshape(m, n, h * d))  # [M, L, D]
 
 
 class FusionLayer(nn.Module):
@@ -96,9 +96,9 @@ class FusionEncoder(nn.Module):
         """text [M, L, Dt], text_atts [M, L] (1 = token, 0 = padding), vis [N, V, Dv] with index [M] (text ->
         row of vis; None: N = M, row i for text i), vis_mask [M, V] bool, first [M, Dv] or None (replaces
         vision token 0 per text) -> [M, L, Dt]."""
-        text_mask = text_atts.bool()
+        text_mask = text_atts.bool()  # [M, L]
         if self.vis_pos is not None:
-            pos = self.vis_pos.to(vis.dtype)
+            pos = self.vis_pos.to(vis.dtype)  # [1, 1 + P, Dv]
             vis = vis + pos
             first = None if first is None else first + pos[0, :1]
         for layer in self.layers:

@@ -17,8 +17,3 @@ def patch_mask(grid_box: torch.Tensor, grid: int) -> torch.Tensor:
     patches = box_mask(grid_box, grid)
     return torch.cat([torch.ones_like(patches[:, :1]), patches], dim=1)
 
-
-def xywh_to_cxcywh_norm(boxes: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Pixel (x, y, w, h) -> (cx, cy, w, h) as fractions of the image side, float32: the box head's targets."""
-    x, y, w, h = boxes.float().unbind(-1)
-    return torch.stack([x + w / 2, y + h / 2, w, h], -1) / image_size

@@ -17,17 +17,12 @@ Two aggregators (`model.video.aggregator`):
     without bias that starts at zero and is scaled by `MOTION_GAIN`. Playing a clip backwards negates its motion
     summary; a still clip or a single frame has none.
 
-  Why the motion summary: the frame-to-frame change is a small part of a frame token (a few per cent of its
-  norm), and telling a direction from it takes a comparison across positions (where a shape was early against
-  where it is late). Neither the temporal transformer nor the cross-attention of the fusion encoder learns that
-  in a few hundred fine-tuning steps, while a linear read-out of the motion moments tells the direction of the
-  ShapesWorld clips almost perfectly. Added to every token, the summary reaches whatever tokens the fusion
+  Why the motion summary: the frame-to-frame change is a small part of a frame token, and telling a direction
+  from it takes a comparison across positions (where a shape was early against where it is late), which neither
+  the temporal transformer nor the fusion encoder's cross-attention learns in a few hundred fine-tuning steps; a
+  linear read-out of the motion moments does. Added to every token, the summary reaches whatever tokens the fusion
   encoder attends to, and the clip token that ITC reads. `MOTION_GAIN` makes the zero-started read-out move that
-  many times faster than the rest of the model (an Adam step is about the same size in every weight): without it
-  whether the demo's 250-step QA fine-tune found the direction depended on the seed and precision (direction
-  accuracy 0.40-0.90 over five fine-tunes from one pre-trained checkpoint), with a gain of 4 it was 0.82-0.91
-  over four; a gain of 8 let the summary crowd out the static content of the tokens (colour and count questions
-  got worse).
+  many times faster than the rest of the model (docs/experiments.md has the measurements behind its value).
 
 Padding frames (clips with fewer frames than the batch's longest) are masked out of the attention, the mean and
 the trend.
@@ -62,8 +57,8 @@ class TemporalBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         s, f, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(s, f, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-        x = x + self.proj(y.transpose(1, 2).reshape(s, f, d))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # [S, H, F, D / H]
+        x = x + self.proj(y.transpose(1, 2).reshape(s, f, d))  # [S, F, D]
         return x + self.mlp(self.norm2(x))
 
 
@@ -88,7 +83,7 @@ def motion_moments(frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tens
     return torch.einsum("bpd,pc->bdc", trend, xy).flatten(1) / trend.shape[1]
 
 
-MOTION_GAIN = 4.0  # see the module docstring
+MOTION_GAIN = 4.0  # see the module docstring and docs/experiments.md
 
 
 class TemporalAggregator(nn.Module):
@@ -128,15 +123,15 @@ class TemporalAggregator(nn.Module):
         b, f, t, d = frames.shape
         if f > self.frame_embed.shape[1]:
             raise ValueError(f"{f} frames per clip, but model.video.max_frames is {self.frame_embed.shape[1]}")
-        x = frames + self.frame_embed[:, :f].to(frames.dtype)
+        x = frames + self.frame_embed[:, :f].to(frames.dtype)  # [B, F, T, D]
         if self.blocks:
-            x = x.permute(0, 2, 1, 3).reshape(b * t, f, d)  # one sequence over time per token position
-            m = frame_mask.repeat_interleave(t, 0)
+            x = x.permute(0, 2, 1, 3).reshape(b * t, f, d)  # [B * T, F, D]: a sequence over time per position
+            m = frame_mask.repeat_interleave(t, 0)  # [B * T, F]
             for block in self.blocks:
                 x = block(x, m)
             x = x.view(b, t, f, d).permute(0, 2, 1, 3)
-        w = frame_mask.to(x.dtype)[:, :, None, None]
-        out = (x * w).sum(1) / w.sum(1).clamp(min=1)
+        w = frame_mask.to(x.dtype)[:, :, None, None]  # [B, F, 1, 1]
+        out = (x * w).sum(1) / w.sum(1).clamp(min=1)  # [B, T, D]: the mean over real frames
         if self.motion is not None:
             moments = motion_moments(frames, frame_mask)
             out = out + MOTION_GAIN * self.motion(F.layer_norm(moments, moments.shape[-1:]).to(x.dtype))[:, None]

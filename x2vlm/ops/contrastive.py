@@ -1,8 +1,8 @@
 """Image-text contrastive (InfoNCE) loss in memory linear in the batch, with ITM hard negatives drawn on the way.
 
-Same loss as `x2vlm.losses.itc.itc_loss` ("local loss + gather with grad"): this rank's B rows against the N
-rows gathered from all ranks, in both directions (local images vs all texts, local texts vs all images). With
-logits s_ij = <row_i, col_j> / temp, row i's term is
+The loss is "local loss + gather with grad": this rank's B rows against the N rows gathered from all ranks (the
+gather's backward sends each rank the gradient of its own rows), in both directions (local images vs all texts,
+local texts vs all images). With logits s_ij = <row_i, col_j> / temp, row i's term is
 
     logsumexp_j s_ij - mean of s_ij over the columns j with instance_ids[j] == instance_ids[i]
 
@@ -20,7 +20,8 @@ of the gathered set): Gumbel-max over a row's logits with excluded columns at -i
 softmax(logits) restricted to the admissible columns. Column j is excluded for row i when
 exclude_ids[i] == exclude_ids[j]. A row with no admissible column gets valid=False and index 0.
 
-impl: "reference" (itc_loss + a Gumbel-max draw on its full local logits), "chunked" (PyTorch blocks; CPU and
+impl: "reference" (itc_loss, the plain definition on the full B x N logits, + a Gumbel-max draw on its local
+logits), "chunked" (PyTorch blocks; CPU and
 fallback), "triton" (kernels; CUDA, or CPU tensors under TRITON_INTERPRET=1), "auto" (triton for CUDA tensors
 when Triton is usable, else chunked).
 """
@@ -31,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from x2vlm.losses.itc import gather_rows, itc_loss, world_size
+from x2vlm.distributed import all_gather_rows, world_size
 from x2vlm.ops.box_pool import resolve_impl
 
 
@@ -59,6 +60,36 @@ def gumbel_max_reference(logits: Tensor, exclude: Tensor,
     best, idx = scores.max(1)
     valid = best > -torch.inf
     return torch.where(valid, idx, 0), valid
+
+
+def soft_cross_entropy_sum(logits: Tensor, targets: Tensor) -> Tensor:
+    """Sum over rows of -sum_j targets_ij * log_softmax(logits)_ij."""
+    return -(targets * logits.log_softmax(-1)).sum()
+
+
+def itc_loss(image_feat: Tensor, text_feat: Tensor, temp: Tensor | float,
+             instance_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The definition. image_feat, text_feat [B, E], L2-normalised; pair i = (image i, text i); instance_ids [B]
+    optional. Returns (loss, i2t logits [B, B], t2i logits [B, B]): the logits (similarity / temp, detached,
+    float32) of this rank's own pairs, for ITM's hard-negative sampling."""
+    image_feat, text_feat = image_feat.float(), text_feat.float()
+    temp = torch.as_tensor(temp, device=image_feat.device).float().reshape(())
+    b = image_feat.shape[0]
+    image_all, offset = all_gather_rows(image_feat, with_grad=True)  # [N, E]
+    text_all, _ = all_gather_rows(text_feat, with_grad=True)
+    if instance_ids is None:
+        instance_ids = torch.arange(b, device=image_feat.device) + offset
+    ids_all, _ = all_gather_rows(instance_ids)
+    positives = (instance_ids[:, None] == ids_all[None, :]).float()  # [B, N]
+    targets = positives / positives.sum(1, keepdim=True)
+
+    logits_i2t = image_feat @ text_all.T / temp  # [B, N]: local images vs all texts
+    logits_t2i = text_feat @ image_all.T / temp  # [B, N]: local texts vs all images
+    rows_per_rank = image_all.shape[0] / world_size()
+    loss_i2t = soft_cross_entropy_sum(logits_i2t, targets) / rows_per_rank
+    loss_t2i = soft_cross_entropy_sum(logits_t2i, targets) / rows_per_rank
+    local = slice(offset, offset + b)
+    return (loss_i2t + loss_t2i) / 2, logits_i2t[:, local].detach(), logits_t2i[:, local].detach()
 
 
 def _block(buf: Tensor, rows: int, cols: int) -> Tensor:
@@ -217,11 +248,11 @@ def contrastive_loss(image_feat: Tensor, text_feat: Tensor, temp: Tensor | float
         return ContrastiveOutput(loss, neg_image, neg_image_valid, neg_text, neg_text_valid)
 
     temp = torch.as_tensor(temp, device=device).float().reshape(())
-    image_all, offset = gather_rows(image_feat)
-    text_all, _ = gather_rows(text_feat)
+    image_all, offset = all_gather_rows(image_feat, with_grad=True)  # [N, E]
+    text_all, _ = all_gather_rows(text_feat, with_grad=True)
     if instance_ids is None:
         instance_ids = torch.arange(b, device=device) + offset
-    ids_all, _ = gather_rows(instance_ids, with_grad=False)
+    ids_all, _ = all_gather_rows(instance_ids)
     args = (instance_ids, ids_all, exclude_ids, offset, tile, impl, generator)
     i2t, neg_text, neg_text_valid = _InfoNCE.apply(image_feat, text_all, temp, *args)
     t2i, neg_image, neg_image_valid = _InfoNCE.apply(text_feat, image_all, temp, *args)

@@ -1,4 +1,7 @@
-"""The DeepSpeed engine: a JSON file from ds_configs/ made to agree with the run configuration."""
+"""The DeepSpeed engine: a JSON file from ds_configs/ made to agree with the run configuration.
+
+The shipped files live in the top-level `ds_configs/` folder, which the package reaches as `x2vlm/ds_configs`
+(installed as package data, so they are found from a plain install too)."""
 from __future__ import annotations
 
 import json
@@ -8,16 +11,20 @@ import torch
 
 from x2vlm.config import ConfigError, RunConfig
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
 def ds_config_path(name: str) -> Path:
+    """A path as given, else a file of the shipped configs."""
     p = Path(name)
     if p.exists():
         return p
     q = DS_CONFIG_DIR / name
     if q.exists():
         return q
+    if not DS_CONFIG_DIR.is_dir():
+        raise ConfigError(f"train.ds_config: file not found: {name}, and the shipped configs are missing "
+                          f"({DS_CONFIG_DIR}): reinstall x2vlm")
     known = ", ".join(sorted(x.name for x in DS_CONFIG_DIR.glob("*.json")))
     raise ConfigError(f"train.ds_config: file not found: {name} (expected a path or one of: {known})")
 

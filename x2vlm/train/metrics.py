@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
+
+log = logging.getLogger("x2vlm")
 
 
 class Metrics:
@@ -54,15 +57,15 @@ def _start_wandb(out_dir: str, config: dict, mode: str, project: str):
     try:
         import wandb
     except ImportError:
-        print("[metrics] wandb is not installed; logging to console and JSONL only", file=sys.stderr)
+        log.warning("wandb is not installed; logging to console and JSONL only")
         return None
     if mode == "online" and not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().exists()):
-        print("[metrics] wandb online mode has no credentials here; logging offline instead", file=sys.stderr)
+        log.warning("wandb online mode has no credentials here; logging offline instead")
         mode = "offline"
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
         return wandb.init(project=project, dir=out_dir, config=config, mode=mode,
                           settings=wandb.Settings(init_timeout=60))
     except Exception as e:  # a dashboard must never stop training
-        print(f"[metrics] wandb could not start ({type(e).__name__}: {e}); continuing without it", file=sys.stderr)
+        log.warning(f"wandb could not start ({type(e).__name__}: {e}); continuing without it")
         return None

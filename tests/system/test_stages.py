@@ -1,0 +1,61 @@
+"""Staged pre-training on 2 CPU ranks under the deepspeed launcher: stage 1 (images + regions), then stage 2
+(images + regions + video) from stage 1's weights with a fresh optimiser; the hand-off is recorded; stage 2 run
+alone from stage 1's checkpoint gives the same weights as within the full run."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from x2vlm.config import SourceConfig, StageConfig, load_config, save_config, update
+from x2vlm.demo.run import prepare_data
+from x2vlm.pretrained import weights_sha256
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory, launch):
+    out = tmp_path_factory.mktemp("stages")
+    paths = prepare_data(out, n_train=160, n_heldout=10, seed=5, image_size=64, shards_per_source=4,
+                         n_train_clips=48, n_heldout_clips=4)
+    cfg = update(load_config("tiny"), {
+        "data.sources": [SourceConfig(name="images", kind="image", shards=paths["train"], batch_size=4),
+                         SourceConfig(name="regions", kind="region", shards=paths["train"], batch_size=4),
+                         SourceConfig(name="videos", kind="video", shards=paths["train_video"], batch_size=3,
+                                      max_frames=4)],
+        "train.stages": [StageConfig(name="images", steps=3, sources=["images", "regions"]),
+                         StageConfig(name="video", steps=3, sources=["images", "regions", "videos"], lr=2.0e-4)],
+        "train.steps": 6, "train.save_every": 100, "train.log_every": 1, "train.precision": "fp32",
+        "train.wandb_mode": "disabled", "model.video.aggregator": "attention", "model.video.max_frames": 4,
+        "model.text.tokenizer": str(out / "tokenizer"), "train.out_dir": str(out / "run")})
+    save_config(cfg, out / "config.yaml")
+    log = launch(out / "config.yaml")
+    return out, log
+
+
+def test_stage_two_starts_from_stage_one_and_records_it(staged):
+    out, log = staged
+    ckpts = out / "run" / "checkpoints"
+    assert "stage 'images' (images, regions)" in log and "stage 'video' (images, regions, videos)" in log
+    state = json.loads((ckpts / "step6" / "run_state.json").read_text())
+    assert state["stage"] == "video" and state["stage_begin"] == 3
+    assert state["init_from"]["path"] == str(ckpts / "step3") and state["init_from"]["stage"] == "images"
+    assert state["init_from"]["sha256"] == weights_sha256(ckpts / "step3")
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all("videos/itc" not in r for r in rows[:3]) and all("videos/itc" in r for r in rows[3:])
+    assert rows[3]["lr"] < 2.0e-4 + 1e-12  # stage 2's own learning rate and a fresh warm-up
+    a, b = load_file(str(ckpts / "step3" / "model.safetensors")), load_file(str(ckpts / "step6" / "model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("temporal."))
+
+
+def test_stage_two_alone_from_a_checkpoint_matches_the_full_run(staged, launch):
+    out, _ = staged
+    ckpts = out / "run" / "checkpoints"
+    log = launch(out / "config.yaml", "--stage", "video", "--init", str(ckpts / "step3"),
+                 f"train.out_dir={out / 'alone'}")
+    assert "stage 'images'" not in log and "steps 3..6" in log
+    alone = out / "alone" / "checkpoints" / "step6"
+    state = json.loads((alone / "run_state.json").read_text())
+    assert state["init_from"] == {"path": str(ckpts / "step3"), "sha256": weights_sha256(ckpts / "step3")}
+    full, part = load_file(str(ckpts / "step6" / "model.safetensors")), load_file(str(alone / "model.safetensors"))
+    assert all(torch.equal(full[k], part[k]) for k in full)

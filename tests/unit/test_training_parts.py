@@ -1,0 +1,72 @@
+"""Optimiser groups, schedule, DeepSpeed config agreement, ranking metrics."""
+import pytest
+import torch
+
+from x2vlm.config import ConfigError, load_config
+from x2vlm.eval.ranking import gt_ranks, recall, rerank_scores
+from x2vlm.train.engine import build_ds_config
+from x2vlm.train.optim import build_optimizer, lr_factor
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Linear(3, 3)
+        self.norm = torch.nn.LayerNorm(3)
+        self.head = torch.nn.Linear(3, 2)
+        self.temp = torch.nn.Parameter(torch.tensor(0.07))
+
+    def is_new_param(self, name):
+        return not name.startswith("backbone")
+
+
+def test_param_groups_and_schedule():
+    cfg = load_config("tiny", ["train.lr=0.01", "train.warmup_steps=10", "train.steps=110", "train.stages=[]"])
+    opt, sched = build_optimizer(Toy(), cfg.train)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert set(by_name) == {"loaded", "loaded_nodecay", "new", "new_nodecay"}
+    assert by_name["loaded"]["weight_decay"] == pytest.approx(0.01) and by_name["new_nodecay"]["weight_decay"] == 0
+    assert len(by_name["loaded"]["params"]) == 1  # backbone.weight only
+    assert len(by_name["new_nodecay"]["params"]) == 4  # norm weight+bias, head bias, temp
+    # fresh parameters learn twice as fast; warm-up then linear decay to zero
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["new"] == pytest.approx(2 * lrs["loaded"])
+    assert lrs["loaded"] == pytest.approx(0.01 * 1 / 10)
+    assert [lr_factor(s, 10, 110) for s in (0, 9, 10, 60, 110)] == pytest.approx([0.1, 1.0, 1.0, 0.5, 0.0])
+
+
+def test_ds_config_fills_auto_and_refuses_disagreement(tmp_path):
+    cfg = load_config("tiny", ["train.grad_accum=2", "train.grad_clip=0.5", "train.precision=fp32"])
+    ds = build_ds_config(cfg, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == sum(s.batch_size for s in cfg.data.sources)
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 2 and not ds["bf16"]["enabled"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 4}')
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps is 4 .* train.grad_accum gives 2"):
+        build_ds_config(load_config("tiny", [f"train.ds_config={bad}", "train.grad_accum=2"]), 1)
+    with pytest.raises(ConfigError, match="train.ds_config: file not found"):
+        build_ds_config(load_config("tiny", ["train.ds_config=nope.json"]), 1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+            build_ds_config(load_config("tiny", ["train.precision=fp16"]), 1)
+
+
+def test_ranks_and_recall_by_hand():
+    scores = torch.tensor([[0.9, 0.1, 0.5],    # true item 0 is first  -> rank 0
+                           [0.8, 0.2, 0.3],    # true item 1 is last   -> rank 2
+                           [0.1, 0.7, 0.6]])   # true item 2 is second -> rank 1
+    ranks = gt_ranks(scores, torch.arange(3))
+    assert ranks.tolist() == [0, 2, 1]
+    r = recall(ranks, ks=(1, 2))
+    assert r["r1"] == pytest.approx(1 / 3) and r["r2"] == pytest.approx(2 / 3)
+    assert r["median_rank"] == 2 and r["mean_rank"] == pytest.approx(2.0)
+
+
+def test_rerank_reorders_only_the_top_k():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
+    # the re-scorer prefers item 1 over item 0; item 3 would win but is outside the top 2
+    table = torch.tensor([[0.2, 0.6, 0.0, 1.0]])
+    new = rerank_scores(scores, 2, lambda q, i: table[q, i])
+    order = new[0].argsort(descending=True).tolist()
+    assert order == [1, 0, 2, 3]
