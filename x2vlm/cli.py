@@ -7,6 +7,7 @@ import sys
 
 from x2vlm import logs
 from x2vlm.config import ConfigError, check_paths, load_config
+from x2vlm.distributed import StaleBuildLock
 
 
 def _pretrain(args) -> int:
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup()
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, StaleBuildLock) as e:
         print(f"x2vlm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:

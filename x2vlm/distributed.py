@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+STALE_LOCK_AFTER_S = 60  # a build lock that no process holds open and this old is left from a killed build
+
+
+class StaleBuildLock(RuntimeError):
+    """A lock file left by an interrupted compilation of a DeepSpeed op: every later launch would wait forever."""
 
 
 def free_port() -> int:
@@ -30,10 +38,49 @@ def fill_single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def _held_open() -> set:
+    """Paths of the files that some process holds open (Linux /proc; empty where it cannot be read)."""
+    held = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                held.add(os.readlink(fd))
+        except OSError:  # a process that ended, or one we may not look into
+            continue
+    return held
+
+
+def stale_build_locks(root: str | os.PathLike | None = None, older_than_s: float = STALE_LOCK_AFTER_S) -> list:
+    """Lock files under torch's extension build folder (where DeepSpeed compiles its ops on first use) that no
+    live process holds open and that are older than `older_than_s`: left by a process killed while compiling.
+    The builder holds its lock open for as long as it compiles, so a lock nobody holds is nobody's."""
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    found = [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]  # ROOT/op/lock or ROOT/pyXY_cpu/op/lock
+    locks = [p for p in found if time.time() - p.stat().st_mtime > older_than_s]
+    if not locks or not Path("/proc/self/fd").is_dir():
+        return []
+    held = _held_open()
+    return [p for p in locks if str(p.resolve()) not in held]
+
+
+def check_build_locks() -> None:
+    """StaleBuildLock naming the file to delete when a stale build lock would make this launch wait forever."""
+    stale = stale_build_locks()
+    if stale:
+        paths = " ".join(str(p) for p in stale)
+        raise StaleBuildLock(f"an interrupted compilation left {paths} behind (no process holds it); every launch "
+                             f"would wait for it forever. Delete it: rm {paths}")
+
+
 def init() -> None:
-    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPUs) and pick this rank's GPU."""
+    """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPUs) and pick this rank's GPU.
+    Refuses to start (StaleBuildLock) when a killed compilation left a build lock behind."""
     import deepspeed
 
+    check_build_locks()
     fill_single_process_env()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
