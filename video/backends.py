@@ -5,12 +5,13 @@
 the frame on screen at each time (seconds from the first frame) and the start time of each returned frame.
 A backend that cannot place a clip's frames in time exactly refuses the clip instead of guessing.
 
-- "pyav": demuxes the clip once and keeps its packets, so that jumping to a keyframe is a list index, never a
-  container seek (MPEG-TS seeks land on the wrong keyframe). Frame times are the container's presentation
-  times; where the container stores none that differ from decode order (AVI) while the decoder reorders frames
-  (B-frames), frames are counted from the first keyframe instead, which is exact only at a constant frame
-  rate, so an irregular clip of that kind is refused. seek="keyframe" is approximate: a sample takes the
-  nearest keyframe within keyframe_tolerance seconds, decoded alone (skip_frame NONKEY), else its exact frame.
+- "pyav": demuxes the clip once and keeps its packets (the compressed stream, in memory), so that jumping to
+  a keyframe is a list index, never a container seek (MPEG-TS seeks land on the wrong keyframe). Frame times
+  are the container's presentation times; where the container keeps frames in decode order only (AVI) while
+  the decoder reorders them (B-frames), frames are counted from the first keyframe instead, which is exact
+  only at a constant frame rate, so an irregular clip of that kind is refused. seek="keyframe" is
+  approximate: a sample takes the nearest keyframe within keyframe_tolerance seconds, decoded alone
+  (skip_frame NONKEY), else its exact frame.
 - "decord": decord's frame times and get_batch. Refuses MPEG-TS and MPEG-PS (decord's seeks there land a
   keyframe off); where decord reports no frame times it reads AVI frame by frame when the AVI header shows no
   skipped frames, and refuses anything else.
@@ -125,8 +126,10 @@ class PyAVReader:
 
     def __init__(self, source, threads: int = 1):
         import av
+        from av.video.reformatter import VideoReformatter
 
         buf, path = _source(source)
+        self._reformatter = VideoReformatter()  # one colour converter for the clip, not one per frame
         try:
             self.container = av.open(buf if buf is not None else path)
         except Exception as e:  # FFmpeg reports corrupt, truncated or unknown input here
@@ -192,6 +195,10 @@ class PyAVReader:
         rate = stream.average_rate
         self.duration = timeline_duration(self.starts, 1.0 / float(rate) if rate else 0.0)
 
+    def _rgb(self, frame) -> np.ndarray:
+        """uint8 [H, W, 3] RGB of a decoded frame, converted in this thread."""
+        return self._reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+
     # -- reading -----------------------------------------------------------------------------------------
     def read_at(self, times, seek: str = "exact", keyframe_tolerance: float = 0.5):
         _check_seek(seek, keyframe_tolerance)
@@ -237,7 +244,7 @@ class PyAVReader:
         codec.skip_frame = "DEFAULT"
         for frame in frames:
             if frame.pts in want:
-                got[want[frame.pts]] = frame.to_ndarray(format="rgb24")
+                got[want[frame.pts]] = self._rgb(frame)
         return got
 
     def _decode_exact(self, wanted: list) -> dict:
@@ -258,7 +265,7 @@ class PyAVReader:
                 return got
             except _OrderBroken:
                 if self.reordered:
-                    raise VideoDecodeError("decoded frames disagree with the container's presentation times")
+                    raise VideoDecodeError("decoded frames disagree with the container's presentation times") from None
                 self.mode = "count"  # the decoder reorders frames that the container keeps in decode order
         return self._count(wanted)
 
@@ -305,7 +312,7 @@ class PyAVReader:
                         expect += 1
                     last = t
                     if t in targets:
-                        got[self.display[t]] = frame.to_ndarray(format="rgb24")
+                        got[self.display[t]] = self._rgb(frame)
                         targets.discard(t)
                 if target in targets and last is not None and last > target:
                     pos = None
@@ -318,7 +325,7 @@ class PyAVReader:
         with closing(self.frames()) as frames:
             for j, frame in frames:
                 if j in wanted:
-                    got[j] = frame.to_ndarray(format="rgb24")
+                    got[j] = self._rgb(frame)
                     if len(got) == len(wanted):
                         break
         return got

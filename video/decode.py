@@ -97,8 +97,12 @@ def read_clip(source: bytes | str | os.PathLike, fps: float = 1.0, max_frames: i
         duration = reader.duration
     finally:
         reader.close()
-    pick = [{t: i for i, t in enumerate(uniq)}[t] for t in times]
-    return Clip(frames[pick], times, np.asarray(shown, dtype=np.float64)[pick], duration, seek)
+    shown = np.asarray(shown, dtype=np.float64)
+    if len(uniq) != len(times):  # repeated sample times (padding to min_frames): repeat their frames
+        pos = {t: i for i, t in enumerate(uniq)}
+        pick = [pos[t] for t in times]
+        frames, shown = frames[pick], shown[pick]
+    return Clip(frames, times, shown, duration, seek)
 
 
 def read_video_with_duration(source: bytes | str | os.PathLike, fps: float = 1.0, max_frames: int | None = 8,
