@@ -13,8 +13,9 @@ A backend that cannot place a clip's frames in time exactly refuses the clip ins
   approximate: a sample takes the nearest keyframe within keyframe_tolerance seconds, decoded alone
   (skip_frame NONKEY), else its exact frame.
 - "decord": decord's frame times and get_batch. Refuses MPEG-TS and MPEG-PS (decord's seeks there land a
-  keyframe off); where decord reports no frame times it reads AVI frame by frame when the AVI header shows no
-  skipped frames, and refuses anything else.
+  keyframe off), open-GOP video (it returns wrong frames), and clips whose frame times (checked against the
+  container's, read with PyAV) disagree; where decord reports no frame times it reads AVI frame by frame when
+  the AVI header shows no skipped frames, and refuses anything else.
 - "torchcodec": get_frames_played_at in exact seek mode, each returned frame checked against the time asked.
   Refuses MPEG-TS and MPEG-PS, AVI holding codecs that may reorder frames (torchcodec misplaces them), and
   any clip whose first decoded frame is not where torchcodec's index puts it.
@@ -189,6 +190,14 @@ class PyAVReader:
         self.display = {int(t): j for j, t in enumerate(self.ticks)}  # ticks -> display index
         self.tb = float(stream.time_base)
         self.starts = frame_starts(self.ticks * self.tb)
+        # Open GOPs: a frame decoded after a keyframe but shown before it (it refers to the GOP before).
+        self.open_gop, key_t = False, None
+        for i in range(first_key, len(packets)):
+            if keys[i]:
+                key_t = ts[i]
+            elif ts[i] < key_t:
+                self.open_gop = True
+                break
         key_pos = [(ts[i], i) for i in usable if keys[i]]
         key_pos.sort()
         self.key_ticks, self.key_index = [t for t, _ in key_pos], [i for _, i in key_pos]
@@ -363,8 +372,8 @@ class PyAVReader:
 
 
 class DecordReader:
-    """decord's VideoReader: frame times from decord's own index, one sorted get_batch; AVI without frame times
-    read frame by frame (see the module docstring)."""
+    """decord's VideoReader: frame times from decord's own index checked against the container's, one sorted
+    get_batch; AVI without frame times read frame by frame (see the module docstring)."""
 
     def __init__(self, source, threads: int = 1):
         import decord
@@ -374,6 +383,8 @@ class DecordReader:
         kind = sniff_container(head)
         if kind in ("mpegts", "mpegps"):
             raise VideoDecodeError(f"decord cannot read {kind} exactly (its seeks land on the wrong keyframe)")
+        probe = PyAVReader(source)  # the container's own frame times, to check decord's against
+        probe.close()
         self._open = lambda: decord.VideoReader(io.BytesIO(buf.getvalue()) if buf is not None else path,
                                                 ctx=decord.cpu(0), num_threads=max(0, threads))
         try:
@@ -395,6 +406,11 @@ class DecordReader:
                 raise VideoDecodeError("decord reports no usable frame timestamps for this clip")
             raw = np.arange(n) / fps
         self.starts = frame_starts(raw)
+        if len(self.starts) != len(probe.starts) or (
+                not self.sequential and np.abs(self.starts - probe.starts).max() > 1e-3):
+            raise VideoDecodeError("decord's frames disagree with the container's frame times")
+        if probe.open_gop and not self.sequential:  # read frame by frame from the start, an open GOP is fine
+            raise VideoDecodeError("decord misplaces frames of open-GOP video (frames shown before their keyframe)")
         self.duration = timeline_duration(self.starts, 1.0 / fps if fps and fps > 0 else 0.0)
 
     def read_at(self, times, seek: str = "exact", keyframe_tolerance: float = 0.5):
