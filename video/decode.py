@@ -2,40 +2,39 @@
 
     frames, times = read_video(mp4_bytes)            # uint8 [T, H, W, 3], seconds from the first frame
     frames, times = read_video("clip.mp4", max_frames=None, train=True, rng=rng)
+    clip = read_clip(mp4_bytes, seek="keyframe")     # + clip.shown, clip.time_error, clip.duration
 
 Sampling is by timestamps (video.sampling): sample k of a clip is the frame on screen at t = (k + 0.5) / fps,
 i.e. at 1 fps the middle of each second, where the frame on screen at t is the last frame whose presentation
 time is <= t. `times[i]` is the sample time t of `frames[i]` (not the frame's own presentation time), so the
 times of a clip do not depend on its frame rate or on frame-rate changes.
 
+seek="exact" (the default) gives exactly those frames. seek="keyframe" (pyav only) is an approximate, faster
+mode: a sample takes the keyframe nearest its time when one lies within keyframe_tolerance seconds, decoded
+alone, and its exact frame otherwise; `read_clip(...).shown` holds the start time of every returned frame.
+
 Backends (video.backends): "pyav", "decord" and "torchcodec" where importable; `available_backends()` lists
 them, `backend="auto"` uses DEFAULT_BACKEND. Every failure to read a clip (corrupt, truncated, zero-length,
-audio-only, a frame that does not decode) raises VideoDecodeError; a missing file raises FileNotFoundError.
-
-Why PyAV is the default, measured with `python scripts/bench_decode.py` on a shared 2-core CPU (two 60 s clips,
-30 fps, 320x240, libx264 with its default GOP of 250 frames; medians of 3 runs; two runs of the script), reading
-at 1 fps with max_frames=None: PyAV's sparse reader was exact and 1.2-1.8x as fast as PyAV decoding every frame
-(converting only the picked frames to RGB), 8.4-9.8x as fast as decoding every frame to RGB; decord was exact and
-0.8-1.4x as fast as decoding every frame. With max_frames=8, keyframe seeks skip whole GOPs: PyAV 3.0-4.1x,
-decord 1.6x. At 1 fps with 8 s GOPs every GOP holds sampled frames, and an exact frame needs every reference frame
-before it in its GOP, so no exact reader can skip much more than the non-reference frames there. decord is also
-unmaintained, with known wrong-frame bugs under random access.
+audio-only, a frame that does not decode, a clip whose frames a backend cannot place in time exactly) raises
+VideoDecodeError; a missing file raises FileNotFoundError.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-from video.backends import BACKEND_NAMES, backend_importable, open_reader
+from video.backends import BACKEND_NAMES, SEEK_MODES, backend_importable, open_reader
 from video.errors import VideoDecodeError
 from video.sampling import frame_index_at, sample_timestamps, uniform_indices
 
-__all__ = ["DEFAULT_BACKEND", "VideoDecodeError", "available_backends", "frame_index_at", "read_video",
-           "sample_timestamps", "uniform_indices"]
+__all__ = ["DEFAULT_BACKEND", "SEEK_MODES", "Clip", "VideoDecodeError", "available_backends", "frame_index_at",
+           "read_clip", "read_video", "sample_timestamps", "uniform_indices"]
 
 DEFAULT_BACKEND = "pyav"
+DEFAULT_KEYFRAME_TOLERANCE = 0.5  # seconds: at 1 fps a keyframe inside the sample's own second
 
 
 @lru_cache(maxsize=None)
@@ -65,29 +64,63 @@ def _resolve(backend: str) -> str:
     return backend
 
 
-def read_video_with_duration(source: bytes | str | os.PathLike, fps: float = 1.0, max_frames: int | None = 8,
-                             min_frames: int = 1, train: bool = False, rng=None,
-                             backend: str = "auto") -> tuple[np.ndarray, list[float], float]:
-    """read_video, plus the clip's duration in seconds (video.sampling.timeline_duration)."""
-    reader = open_reader(_resolve(backend), source)
+@dataclass
+class Clip:
+    """A sampled clip: frames uint8 [T, H, W, 3]; times: sample times; shown: start time of each returned frame
+    (seconds from the first frame; <= its sample time in exact mode); duration in seconds; the seek mode."""
+    frames: np.ndarray
+    times: list
+    shown: np.ndarray
+    duration: float
+    seek: str
+
+    @property
+    def time_error(self) -> np.ndarray:
+        """|shown - time| per frame, in seconds."""
+        return np.abs(self.shown - np.asarray(self.times, dtype=np.float64))
+
+
+def read_clip(source: bytes | str | os.PathLike, fps: float = 1.0, max_frames: int | None = 8,
+              min_frames: int = 1, train: bool = False, rng=None, backend: str = "auto", *, seek: str = "exact",
+              keyframe_tolerance: float = DEFAULT_KEYFRAME_TOLERANCE, threads: int = 1) -> Clip:
+    """read_video with everything it knows: see Clip. threads: decoding threads per clip (1: none)."""
+    name = _resolve(backend)
+    if seek not in SEEK_MODES:
+        raise ValueError(f"seek: expected one of {', '.join(SEEK_MODES)}, got {seek!r}")
+    if seek == "keyframe" and name != "pyav":
+        raise ValueError(f"seek='keyframe' needs the pyav backend, not {name!r}")
+    reader = open_reader(name, source, threads=threads)
     try:
         times = sample_timestamps(reader.duration, fps, max_frames, min_frames, train, rng)
         uniq = sorted(set(times))
-        frames = reader.read_at(uniq)
+        frames, shown = reader.read_at(uniq, seek=seek, keyframe_tolerance=keyframe_tolerance)
         duration = reader.duration
     finally:
         reader.close()
-    pos = {t: i for i, t in enumerate(uniq)}
-    return frames[[pos[t] for t in times]], times, duration
+    shown = np.asarray(shown, dtype=np.float64)
+    if len(uniq) != len(times):  # repeated sample times (padding to min_frames): repeat their frames
+        pos = {t: i for i, t in enumerate(uniq)}
+        pick = [pos[t] for t in times]
+        frames, shown = frames[pick], shown[pick]
+    return Clip(frames, times, shown, duration, seek)
+
+
+def read_video_with_duration(source: bytes | str | os.PathLike, fps: float = 1.0, max_frames: int | None = 8,
+                             min_frames: int = 1, train: bool = False, rng=None, backend: str = "auto",
+                             **kw) -> tuple[np.ndarray, list[float], float]:
+    """read_video, plus the clip's duration in seconds (video.sampling.timeline_duration)."""
+    clip = read_clip(source, fps, max_frames, min_frames, train, rng, backend, **kw)
+    return clip.frames, clip.times, clip.duration
 
 
 def read_video(source: bytes | str | os.PathLike, fps: float = 1.0, max_frames: int | None = 8,
-               min_frames: int = 1, train: bool = False, rng=None,
-               backend: str = "auto") -> tuple[np.ndarray, list[float]]:
+               min_frames: int = 1, train: bool = False, rng=None, backend: str = "auto",
+               **kw) -> tuple[np.ndarray, list[float]]:
     """Frames sampled at `fps` (uint8 [T, H, W, 3]) and their sample times in seconds.
 
-    source: mp4 (or any container FFmpeg reads) as bytes, or a path. max_frames=None keeps every sample;
-    otherwise samples are thinned uniformly, with a random phase when train=True (rng: numpy Generator or
-    random.Random). Clips with fewer than min_frames samples repeat frames. See video.sampling for the rules."""
-    frames, times, _ = read_video_with_duration(source, fps, max_frames, min_frames, train, rng, backend)
-    return frames, times
+    source: any container FFmpeg reads, as bytes or a path. max_frames=None keeps every sample; otherwise
+    samples are thinned uniformly, with a random phase when train=True (rng: numpy Generator or random.Random).
+    Clips with fewer than min_frames samples repeat frames. See video.sampling for the rules. Keywords: seek
+    ("exact" | "keyframe"), keyframe_tolerance (seconds), threads (see read_clip)."""
+    clip = read_clip(source, fps, max_frames, min_frames, train, rng, backend, **kw)
+    return clip.frames, clip.times
