@@ -158,10 +158,10 @@ def loader_throughput(clips60: dict, batches: int, demo_clips: int) -> dict:
     max_frames 4, image size 64) and for the benchmark's long clips (max_frames 8, image size 224)."""
     import torch
 
-    from video.shards import write_video_shards
+    from x2vlm.data.samples import write_video_shards
     from x2vlm.config import DataConfig, LossConfig, SourceConfig
     from x2vlm.data.pipeline import build_loader
-    from x2vlm.data.shapesworld_video import generate_clips, shard_samples, video_corpus
+    from x2vlm.demo.shapesworld_video import generate_clips, shard_samples, video_corpus
     from x2vlm.data.tokenizer import train_tokenizer
 
     torch.set_num_threads(1)

@@ -152,9 +152,13 @@ class SourceConfig:
     fps: float = 1.0  # video sources: frames sampled per second of video
     max_frames: int = 8  # video sources: longer clips are subsampled uniformly
     min_frames: int = 1  # video sources: shorter clips repeat frames
+    seek: Literal["exact", "keyframe"] = "exact"  # video sources: keyframe = the nearest keyframe, when one is near
+    keyframe_tolerance: float = 0.5  # seconds: how near a keyframe must be to a sample time (seek: keyframe)
 
     def __post_init__(self):
         positive(self, "batch_size", "max_texts", "fps", "max_frames", "min_frames")
+        if self.keyframe_tolerance < 0:
+            raise ConfigError(f"keyframe_tolerance: expected a number >= 0, got {self.keyframe_tolerance}")
         if self.min_frames > self.max_frames:
             raise ConfigError(f"min_frames: source {self.name!r}: expected at most max_frames {self.max_frames}, "
                               f"got {self.min_frames}")

@@ -31,7 +31,7 @@ def test_evaluation_records_its_protocol_and_repeats_exactly(video_finetuning, t
     assert evaluate_checkpoint(str(tmp_path / "ckpt"), **settings) == first
 
     sha = weights_sha256(tmp_path / "ckpt")
-    video = {"image_size": 64, "fps": 1.0, "max_frames": 4, "aggregator": "attention"}
+    video = {"image_size": 64, "fps": 1.0, "max_frames": 4, "aggregator": "attention", "seek": "exact"}
     assert first["image_retrieval"]["protocol"] == {
         "checkpoint_sha256": sha, "split": "heldout", "shards": ["heldout-000000.tar"], "image_size": 64,
         "rerank_k": 4, "n_queries": 12, "pool_size": 12}

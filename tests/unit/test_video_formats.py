@@ -1,5 +1,6 @@
 """Converters of the published video formats (MSRVTT retrieval, MSRVTT-QA / MSVD-QA) on small files with broken
 entries: what is skipped is counted by reason, what is kept lands in the shards, an empty result is an error."""
+import io
 import json
 import subprocess
 import sys
@@ -151,3 +152,34 @@ def test_a_line_that_is_not_json_is_named_in_the_error(tmp_path, videos):
     ann.write_text(json.dumps({"video_id": "video1", "question": "what?", "answer": "red"}) + "\n")
     with pytest.raises(ValueError, match=r"ans2label.json: not JSON"):
         videoqa_to_shards(str(ann), str(videos), str(tmp_path / "o"), ans2label=str(vocab))
+
+
+def test_make_shards_reencodes_with_a_keyframe_every_second(tmp_path):
+    """`--reencode-gop 1`: every video in the shards has a keyframe at each 1-fps sample time and the same frames
+    at the same times as its source."""
+    import av
+
+    from video.indexcode import index_frame, read_index
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    source = encode_video([index_frame(i) for i in range(60)], fps=10, threads=1)  # 6 s, libx264's long GOP
+    (root / "video1.mp4").write_bytes(source)
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps([{"video_id": "video1", "caption": "a clip"}]))
+    p = subprocess.run([sys.executable, "-m", "x2vlm", "make-shards", "--format", "video-retrieval", "--annotations",
+                        str(ann), "--video-root", str(root), "--out", str(tmp_path / "o"), "--reencode-gop", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    (sample,) = iterate_video_samples(sorted((tmp_path / "o").glob("*.tar")), max_frames=None)
+    assert [read_index(f) for f in sample["frames"]] == [5, 15, 25, 35, 45, 55]  # the frames on screen at k + 0.5 s
+    (fast,) = iterate_video_samples(sorted((tmp_path / "o").glob("*.tar")), max_frames=None, seek="keyframe")
+    assert [read_index(f) for f in fast["frames"]] == [5, 15, 25, 35, 45, 55]  # keyframes there: nothing approximated
+    import tarfile
+
+    with tarfile.open(next((tmp_path / "o").glob("*.tar"))) as tar:
+        data = tar.extractfile("video1.mp4").read()
+    with av.open(io.BytesIO(data)) as c:
+        stream = c.streams.video[0]
+        keys = sorted(float(pk.pts * stream.time_base) for pk in c.demux(stream) if pk.size and pk.is_keyframe)
+    assert keys == pytest.approx([0.0, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5])

@@ -191,7 +191,8 @@ def decoder(source: SourceConfig, train: bool):
     """The sample decoder of a source's kind."""
     if source.kind in ("video", "video_qa"):
         return ClipDecoder(source.fps, source.max_frames, source.min_frames, train,
-                           needs="qa" if source.kind == "video_qa" else "caption")
+                           needs="qa" if source.kind == "video_qa" else "caption", seek=source.seek,
+                           keyframe_tolerance=source.keyframe_tolerance)
     return decode_image
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from video.decode import read_video_with_duration
+from video.encode import reencode
 from video.errors import VideoDecodeError
 from video.sampling import uniform_indices
 from x2vlm.boxes import box_ok, clip_xywh
@@ -142,11 +143,14 @@ def _video_payload(video) -> tuple[str, bytes]:
 
 
 def write_video_shards(samples, out_dir: str, prefix: str, per_shard: int, form: str = "mp4", fps: float = 1.0,
-                       skipped: dict | None = None, quality: int = 95, backend: str = "auto") -> list:
+                       skipped: dict | None = None, quality: int = 95, backend: str = "auto",
+                       reencode_gop: float | None = None) -> list:
     """Write video samples {"key", "video" (bytes or path), "json" (dict)} to out_dir/prefix-000000.tar, ...;
     returns the shard paths.
 
-    form="frames" decodes each video here: one that does not decode raises VideoDecodeError, or, when a
+    reencode_gop=S (mp4 form) re-encodes each video (video stream only, H.264 mp4) with a keyframe at the frame on
+    screen at every (k + 0.5) * S seconds, so that sparse reading decodes little (video.encode.reencode).
+    form="frames" decodes each video here. A video that does not decode raises VideoDecodeError, or, when a
     `skipped` dict is given, is left out and counted there as "video_decode"."""
     if form not in VIDEO_FORMS:
         raise ValueError(f"form: expected one of {', '.join(VIDEO_FORMS)}, got {form!r}")
@@ -158,20 +162,22 @@ def write_video_shards(samples, out_dir: str, prefix: str, per_shard: int, form:
                 raise ValueError(f"sample {key!r}: json must be a dict without the reserved field '_frames'")
             ext, data = _video_payload(s["video"])
             record = {"__key__": key}
-            if form == "mp4":
-                record[ext] = data
-            else:
-                try:
+            try:
+                if form == "mp4" and reencode_gop:
+                    record["mp4"] = reencode(data, gop_seconds=reencode_gop)
+                elif form == "mp4":
+                    record[ext] = data
+                else:
                     frames, times, duration = read_video_with_duration(data, fps=fps, max_frames=None,
                                                                        backend=backend)
-                except VideoDecodeError:
-                    if skipped is None:
-                        raise
-                    add_counts(skipped, {"video_decode": 1})
-                    continue
-                meta = {**meta, "_frames": {"fps": fps, "timestamps": times, "duration": duration}}
-                for i, frame in enumerate(frames):
-                    record[f"{i:06d}.jpg"] = encode_image(frame, "jpg", quality)
+                    meta = {**meta, "_frames": {"fps": fps, "timestamps": times, "duration": duration}}
+                    for i, frame in enumerate(frames):
+                        record[f"{i:06d}.jpg"] = encode_image(frame, "jpg", quality)
+            except VideoDecodeError:
+                if skipped is None:
+                    raise
+                add_counts(skipped, {"video_decode": 1})
+                continue
             record["json"] = _json_bytes(meta)
             out.write(record)
     return out.paths
@@ -200,9 +206,10 @@ def _frames_sample(key: str, files: dict, meta: dict, fps: float, max_frames, mi
 
 
 def decode_clip(key: str, files: dict, fps: float = 1.0, max_frames: int | None = 8, min_frames: int = 1,
-                train: bool = False, rng=None, backend: str = "auto"):
+                train: bool = False, rng=None, backend: str = "auto", **seek):
     """(sample {"key", "frames" uint8 [T, H, W, 3], "timestamps", "json"}, {kind: count}) of one video sample's
-    files, in either form; the sample is None when unusable."""
+    files, in either form; the sample is None when unusable. `seek`: video.read_clip's seek and
+    keyframe_tolerance (mp4 form)."""
     meta, bad = _read_json(files)
     if meta is None:
         return None, bad
@@ -212,27 +219,31 @@ def decode_clip(key: str, files: dict, fps: float = 1.0, max_frames: int | None 
     if ext is None:
         return None, {"missing_video": 1}
     try:
-        frames, times = read_video_with_duration(files[ext], fps, max_frames, min_frames, train, rng, backend)[:2]
+        frames, times = read_video_with_duration(files[ext], fps, max_frames, min_frames, train, rng, backend,
+                                                 **seek)[:2]
     except VideoDecodeError:
         return None, {"video_decode": 1}
     return {"key": key, "frames": frames, "timestamps": times, "json": meta}, {}
 
 
 class ClipDecoder:
-    """Decoder of video samples: frames sampled at `fps` (random offsets when training), and what the source kind
-    needs of the JSON: "caption" (a caption, or "captions" of which training draws one), "qa" ("qa":
+    """Decoder of video samples: frames sampled at `fps` (random offsets when training; exact frames, or with
+    seek="keyframe" the nearest keyframe within keyframe_tolerance seconds), and what the source kind needs of the
+    JSON: "caption" (a caption, or "captions" of which training draws one), "qa" ("qa":
     [{"question", "label", ...}]), or nothing (None)."""
 
     def __init__(self, fps: float = 1.0, max_frames: int | None = 8, min_frames: int = 1, train: bool = False,
-                 needs: str | None = None, backend: str = "auto"):
+                 needs: str | None = None, backend: str = "auto", seek: str = "exact",
+                 keyframe_tolerance: float = 0.5):
         if needs not in (None, "caption", "qa"):
             raise ValueError(f"needs: expected None, 'caption' or 'qa', got {needs!r}")
         self.fps, self.max_frames, self.min_frames, self.train = fps, max_frames, min_frames, train
         self.needs, self.backend = needs, backend
+        self.seek = {"seek": seek, "keyframe_tolerance": keyframe_tolerance}
 
     def __call__(self, key: str, files: dict, rng=None):
         sample, bad = decode_clip(key, files, self.fps, self.max_frames, self.min_frames, self.train, rng,
-                                  self.backend)
+                                  self.backend, **self.seek)
         if sample is None or self.needs is None:
             return sample, bad
         meta = sample["json"]

@@ -27,9 +27,11 @@ def make_tokenize(tokenizer, max_len: int):
 
 
 def clips(shards, fps: float = 1.0, max_frames: int = 8, min_frames: int = 1, needs: str | None = None,
-          skipped: dict | None = None):
+          skipped: dict | None = None, seek: str = "exact", keyframe_tolerance: float = 0.5):
     """Decoded clips of video shards in shard order, sampled at `fps` at the evaluation offsets (no randomness)."""
-    return iterate_samples(shards, ClipDecoder(fps, max_frames, min_frames, train=False, needs=needs), skipped)
+    decoder = ClipDecoder(fps, max_frames, min_frames, train=False, needs=needs, seek=seek,
+                          keyframe_tolerance=keyframe_tolerance)
+    return iterate_samples(shards, decoder, skipped)
 
 
 def load_pool(shards, image_size: int):
@@ -54,9 +56,9 @@ def load_grounding(shards, image_size: int, min_shapes: int = 2):
     return out
 
 
-def load_video_pool(shards, image_size: int, fps: float = 1.0, max_frames: int = 8, min_frames: int = 1):
+def load_video_pool(shards, image_size: int, fps: float = 1.0, max_frames: int = 8, min_frames: int = 1, **seek):
     """Clips (padded to the longest, with a frame mask) and captions of video shards, in shard order."""
-    samples = list(clips(shards, fps, max_frames, min_frames, needs="caption"))
+    samples = list(clips(shards, fps, max_frames, min_frames, needs="caption", **seek))
     videos, mask = pad_clips([frames_to_tensor(s["frames"], image_size) for s in samples])
     return videos, mask, [s["json"]["caption"] for s in samples]
 
@@ -78,7 +80,7 @@ def protocol(sha256: str, shards, **settings) -> dict:
 @torch.no_grad()
 def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rerank_k: int = 16,
                         video_shards=(), fps: float = 1.0, max_frames: int = 8, videoqa_shards=(),
-                        probe_direction: bool = True) -> dict:
+                        probe_direction: bool = True, seek: str = "exact", keyframe_tolerance: float = 0.5) -> dict:
     """Every evaluation the given shards allow, each with its `protocol`. Deterministic: no sampling (clips are
     read at the evaluation offsets), no dropout, the same numbers for the same checkpoint and shards."""
     folder = find_export(checkpoint)
@@ -87,7 +89,9 @@ def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rera
     tokenize = make_tokenize(tokenizer, cfg.model.text.max_len)
     sha = weights_sha256(folder)
     result = {"checkpoint": str(folder), "checkpoint_sha256": sha, "image_size": size}
-    sampling = {"image_size": size, "fps": fps, "max_frames": max_frames, "aggregator": cfg.model.video.aggregator}
+    seeking = {"seek": seek, **({"keyframe_tolerance": keyframe_tolerance} if seek == "keyframe" else {})}
+    sampling = {"image_size": size, "fps": fps, "max_frames": max_frames, "aggregator": cfg.model.video.aggregator,
+                **seeking}
     if image_shards:
         images, captions = load_pool(image_shards, size)
         ids, atts = tokenize(captions)
@@ -101,7 +105,7 @@ def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rera
                                "protocol": protocol(sha, region_shards, image_size=size, iou=0.5, min_shapes=2,
                                                     n_images=len(samples))}
     if video_shards:
-        videos, mask, captions = load_video_pool(video_shards, size, fps, max_frames)
+        videos, mask, captions = load_video_pool(video_shards, size, fps, max_frames, **seeking)
         ids, atts = tokenize(captions)
         setting = protocol(sha, video_shards, **sampling, rerank_k=rerank_k, n_queries=len(captions),
                            pool_size=len(videos))
@@ -112,8 +116,8 @@ def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rera
                                          "protocol": protocol(sha, video_shards, **sampling)}
     if videoqa_shards:
         skipped: dict = {}
-        qa = evaluate_videoqa(model, clips(videoqa_shards, fps, max_frames, needs="qa", skipped=skipped), tokenize,
-                              size)
+        qa = evaluate_videoqa(model, clips(videoqa_shards, fps, max_frames, needs="qa", skipped=skipped, **seeking),
+                              tokenize, size)
         result["video_qa"] = {**qa, "skipped_clips": skipped,
                               "protocol": protocol(sha, videoqa_shards, **sampling, n_questions=qa["n"],
                                                    n_clips=qa.get("clips", 0))}

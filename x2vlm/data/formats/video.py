@@ -79,13 +79,19 @@ def _texts(value) -> list:
     return [v.strip() for v in values if isinstance(v, str) and v.strip()]
 
 
-def _write(by_path: dict, root: Path, out_dir: str, prefix: str, per_shard: int) -> list:
+def _write(by_path: dict, root: Path, out_dir: str, prefix: str, per_shard: int, reencode_gop: float | None,
+           skipped: Counter) -> list:
     samples = [{"key": sample_key(p.relative_to(root)), "video": str(p), "json": meta} for p, meta in by_path.items()]
-    return write_video_shards(samples, out_dir, prefix, per_shard)
+    counts: dict = {}
+    paths = write_video_shards(samples, out_dir, prefix, per_shard, reencode_gop=reencode_gop, skipped=counts)
+    if counts:
+        skipped["unreadable_video"] += counts["video_decode"]
+        print(f"skipped {counts['video_decode']} video(s) that could not be re-encoded exactly: unreadable_video")
+    return paths
 
 
 def retrieval_to_shards(annotations: str, video_root: str, out_dir: str, prefix: str = "data",
-                        per_shard: int = 500) -> list:
+                        per_shard: int = 500, reencode_gop: float | None = None) -> list:
     """MSRVTT-style retrieval annotations -> video shards (one sample per video with all its captions)."""
     skipped: Counter = Counter()
     files = VideoFiles(video_root, skipped)
@@ -104,7 +110,7 @@ def retrieval_to_shards(annotations: str, video_root: str, out_dir: str, prefix:
         meta = by_path.setdefault(path, {"video_id": path.stem, "caption": captions[0], "captions": []})
         meta["captions"] += captions
     report_skips(skipped, len(by_path), "videos", annotations)
-    return _write(by_path, Path(video_root), out_dir, prefix, per_shard)
+    return _write(by_path, Path(video_root), out_dir, prefix, per_shard, reencode_gop, skipped)
 
 
 def build_ans2label(answers, vocab_size: int) -> dict:
@@ -113,7 +119,8 @@ def build_ans2label(answers, vocab_size: int) -> dict:
 
 
 def videoqa_to_shards(annotations: str, video_root: str, out_dir: str, prefix: str = "data", per_shard: int = 500,
-                      ans2label: str | None = None, vocab_size: int = 1500) -> list:
+                      ans2label: str | None = None, vocab_size: int = 1500,
+                      reencode_gop: float | None = None) -> list:
     """MSRVTT-QA / MSVD-QA annotations -> video shards (one sample per video with its questions) and
     OUT_DIR/ans2label.json."""
     skipped: Counter = Counter()
@@ -144,6 +151,6 @@ def videoqa_to_shards(annotations: str, video_root: str, out_dir: str, prefix: s
     outside = sum(vocab.get(a, -1) < 0 for _, _, a, _ in entries)
     report_skips(skipped, len(entries), f"questions on {len(by_path)} videos ({outside} with an answer outside the "
                                    f"vocabulary of {len(vocab)})", annotations)
-    paths = _write(by_path, Path(video_root), out_dir, prefix, per_shard)
+    paths = _write(by_path, Path(video_root), out_dir, prefix, per_shard, reencode_gop, skipped)
     (Path(out_dir) / "ans2label.json").write_text(json.dumps(vocab, indent=0) + "\n", encoding="utf-8")
     return paths
