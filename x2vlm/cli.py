@@ -73,6 +73,28 @@ def _make_shards(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from x2vlm.train.plan import plan
+
+    cfg = load_config(args.config, args.overrides)
+    result = plan(cfg, gpus=args.gpus, gpu_memory_gb=args.gpu_memory, nodes=args.nodes, micro_batch=args.micro_batch,
+                  precision=args.precision)
+    counts = result["parameters"]
+    print(f"{counts['total'] / 1e6:.1f}M parameters ({counts['trainable'] / 1e6:.1f}M trainable), {args.gpus} GPU(s) "
+          f"x {args.nodes} node(s) of {args.gpu_memory:g} GB, {args.precision}; activations: "
+          f"{result['activation_gb_fixed']:.3f} GB + {result['activation_gb_per_micro_batch_unit']:.3f} GB per "
+          f"image (or clip) of every source")
+    print(f"{'ZeRO stage':<16}{'model states GB':>16}{'largest micro-batch':>21}" +
+          (f"{'GB at ' + str(args.micro_batch):>14}{'fits':>6}" if args.micro_batch else ""))
+    for stage, e in result["stages"].items():
+        row = f"{stage.replace('_', ' '):<16}{e['model_states_gb']:>16.3f}{e['largest_micro_batch']:>21}"
+        if args.micro_batch:
+            row += f"{e['total_gb']:>14.3f}{'yes' if e['fits'] else 'no':>6}"
+        print(row)
+    print(json.dumps(result))
+    return 0
+
+
 def _evaluate(args) -> int:
     from x2vlm.eval.run import evaluate_checkpoint
 
@@ -141,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--image-size", type=int, default=64)
     m.set_defaults(func=_make_shards)
+
+    pl = sub.add_parser("plan", help="memory per GPU for each ZeRO stage and the largest micro-batch that fits")
+    pl.add_argument("--config", required=True, help="preset name (tiny, base, large) or a YAML file")
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    pl.add_argument("--gpu-memory", type=float, required=True, help="memory of one GPU in GB")
+    pl.add_argument("--nodes", type=int, default=1)
+    pl.add_argument("--micro-batch", type=int, default=None, help="images (or clips) of every source per step")
+    pl.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.activation_checkpointing=[vision]")
+    pl.set_defaults(func=_plan)
 
     e = sub.add_parser("evaluate", help="retrieval and grounding of a checkpoint on held-out shards")
     e.add_argument("--checkpoint", required=True, help="run folder or exported checkpoint folder")

@@ -97,6 +97,7 @@ class VideoConfig:
 
 
 BoxPoolImpl = Literal["auto", "reference", "cpu", "triton"]  # x2vlm.ops.box_pool
+Tower = Literal["vision", "text", "fusion"]
 ItcImpl = Literal["auto", "reference", "chunked", "triton"]  # x2vlm.ops.contrastive_loss
 
 
@@ -112,6 +113,9 @@ class ModelConfig:
     temp: float = 0.07
     temp_min: float = 0.001
     temp_max: float = 0.5
+    # Towers whose layers keep only their inputs for backward and compute the rest again there: less activation
+    # memory for about one more forward pass of those towers.
+    activation_checkpointing: list[Tower] = field(default_factory=list)
 
     def __post_init__(self):
         positive(self, "embed_dim", "temp")

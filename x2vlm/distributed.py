@@ -150,6 +150,22 @@ def all_true(flag: bool) -> bool:
     return bool(all_reduce(torch.tensor([float(flag)]), "min").item())
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward gives each rank the gradient of its own part, summed over all ranks' uses."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x)
+        return torch.stack(parts)  # [world, n, ...]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[rank()]
+
+
 def all_gather_rows(x: torch.Tensor, with_grad: bool = False) -> tuple[torch.Tensor, int]:
     """x [n_r, ...] concatenated over ranks in rank order, where n_r may differ between ranks; returns (all rows,
     index of this rank's first row). Sizes are gathered first; each rank pads to the largest, gathers, and the
@@ -165,9 +181,7 @@ def all_gather_rows(x: torch.Tensor, with_grad: bool = False) -> tuple[torch.Ten
     sizes = [int(s) for s in sizes]
     padded = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))]).to(dev).contiguous()
     if with_grad:
-        import torch.distributed.nn.functional as dist_autograd
-
-        parts = dist_autograd.all_gather(padded)
+        parts = _GatherWithGrad.apply(padded)  # [world, max n, ...]
     else:
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded)

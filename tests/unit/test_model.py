@@ -1,4 +1,6 @@
-"""Regions, encoders, the model's forward pass, and that it learns."""
+"""Regions, encoders, the model's forward pass, activation checkpointing, and that it learns."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -303,3 +305,38 @@ def test_vit_from_scratch_starts_with_a_2d_sincos_position_table():
     grid = cfg.model.vision.image_size // cfg.model.vision.patch_size
     assert torch.equal(enc.vit.pos_embed[0, 1:].detach(), sincos_2d(grid, cfg.model.vision.width))
     assert enc.vit.pos_embed.requires_grad
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors that autograd keeps for backward while `fn` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_less_kept():
+    cfg = tiny_cfg("model.text.dropout=0.1", "model.fusion.dropout=0.1", "model.vision.drop_path=0.1",
+                   "model.vision.depth=3")
+    torch.manual_seed(0)
+    plain = X2VLM(cfg.model, vocab_size=VOCAB, pad_id=0)
+    ckpt = X2VLM(dataclasses.replace(cfg.model, activation_checkpointing=["vision", "text", "fusion"]),
+                 vocab_size=VOCAB, pad_id=0)
+    ckpt.load_state_dict(plain.state_dict())
+    batch = random_batch(torch.Generator().manual_seed(7))
+    results = []
+    for model in (plain, ckpt):
+        torch.manual_seed(11)  # dropout, drop path and the hard negatives draw the same numbers
+        out, kept = saved_bytes(lambda m=model: m(batch, PRETRAINING))
+        out["loss"].backward()
+        results.append((out["loss"].detach(), {n: p.grad for n, p in model.named_parameters()}, kept))
+    (loss_a, grads_a, kept_a), (loss_b, grads_b, kept_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=0, atol=1e-6)
+    assert all(torch.allclose(grads_a[n], grads_b[n], rtol=0, atol=1e-6) for n in grads_a)
+    assert any(g.abs().sum() > 0 for n, g in grads_b.items() if n.startswith(("vision.", "text.", "fusion.")))
+    assert kept_b < 0.6 * kept_a, (kept_a, kept_b)

@@ -70,3 +70,38 @@ def test_rerank_reorders_only_the_top_k():
     new = rerank_scores(scores, 2, lambda q, i: table[q, i])
     order = new[0].argsort(descending=True).tolist()
     assert order == [1, 0, 2, 3]
+
+
+def test_fp16_dynamic_loss_scaling_builds_scales_and_skips_overflows(monkeypatch):
+    """DeepSpeed runs fp16 on GPUs only; its configuration path is checked here: the shipped fp16 file builds a
+    dynamic loss scaler, a finite loss is scaled, an overflowing gradient lowers the scale (after the hysteresis),
+    and the step guard counts such skipped steps as overflows, not as bad steps that stop the run."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.fp16 import loss_scaler
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler, has_inf_or_nan
+
+    from x2vlm.train.state import NonFiniteLoss, StepGuard
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ds = build_ds_config(load_config("tiny", ["train.ds_config=zero2_fp16.json", "train.precision=fp16"]), 2)
+    assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # 0 = dynamic
+    fp16 = DeepSpeedConfig(ds).float16_config
+    scaler = CreateLossScaler(torch.float16, fp16.loss_scale, fp16.loss_scale == 0, fp16.dynamic_loss_scale_args())
+    assert scaler.cur_scale == 2 ** 16
+    w = torch.tensor(2.0, requires_grad=True)
+    scaler.backward(w * 0.25)  # the loss is scaled before backward: d(scale * w / 4) / dw
+    assert float(w.grad) == 2 ** 16 / 4
+    grad = (torch.tensor([1.0, 3.0]) * scaler.loss_scale).half()  # 3 * 2^16 is past fp16's largest, 65504
+    assert bool(has_inf_or_nan(grad))
+    monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda: 0)  # (it logs on rank 0; no process group here)
+    scaler.update_scale(True)  # hysteresis 2: the first overflow only uses it up
+    scaler.update_scale(True)
+    assert scaler.cur_scale == 2 ** 15
+    guard = StepGuard(limit=3)
+    for step in range(10):  # ten overflows in a row: the scaler's business, the run goes on
+        guard.record(False, step, overflow=True)
+    assert guard.overflows == 10 and guard.skipped == 0
+    guard.record(False, 10)
+    guard.record(False, 11)
+    with pytest.raises(NonFiniteLoss):
+        guard.record(False, 12)

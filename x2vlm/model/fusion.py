@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from x2vlm.config import FusionConfig
 
@@ -80,6 +81,7 @@ class FusionEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(FusionLayer(width, vision_width, cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(width)
+        self.checkpointing = False  # activation checkpointing of every layer (see ModelConfig)
         # Where each patch is, added to the vision tokens that keys and values are computed from (token 0, the
         # image or region token, gets row 0). The ViT's own position embedding enters only at its input and
         # fades with depth; box regression reads positions through cross-attention and learns far sooner with
@@ -102,5 +104,8 @@ class FusionEncoder(nn.Module):
             vis = vis + pos
             first = None if first is None else first + pos[0, :1]
         for layer in self.layers:
-            text = layer(text, text_mask, vis, vis_mask, index, first)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                text = checkpoint(layer, text, text_mask, vis, vis_mask, index, first, use_reentrant=False)
+            else:
+                text = layer(text, text_mask, vis, vis_mask, index, first)
         return self.norm(text)

@@ -40,6 +40,14 @@ class TextEncoder(nn.Module):
         self.width = self.encoder.config.hidden_size
         self.vocab_size = self.encoder.get_input_embeddings().num_embeddings
 
+    def checkpoint_layers(self) -> None:
+        """Activation checkpointing of every layer (non-reentrant: works with ZeRO-3 and frozen inputs)."""
+        enable = getattr(self.encoder, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def forward(self, ids: torch.Tensor, atts: torch.Tensor) -> torch.Tensor:
         """ids, atts [M, L] -> last hidden state [M, L, D]."""
         return self.encoder(input_ids=ids, attention_mask=atts).last_hidden_state

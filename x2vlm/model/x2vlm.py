@@ -61,11 +61,25 @@ class X2VLM(nn.Module):
         for fresh in (self.fusion, self.vision_proj, self.text_proj, self.itm_head, self.bbox_head, self.mlm_head):
             fresh.apply(init_fresh)
         self.vision.requires_grad_(not cfg.vision.frozen)
+        self.checkpoint_towers(cfg.activation_checkpointing)
 
     def forward(self, batch: dict, objective) -> dict:
         """`objective(model, batch)` -> its losses. The objective runs inside the module's forward so that a
         wrapping engine (DeepSpeed: ZeRO-3 parameter gathering, precision hooks) sees the whole computation."""
         return objective(self, batch)
+
+    def checkpoint_towers(self, towers) -> None:
+        """Activation checkpointing for the named towers ("vision", "text", "fusion"): each layer keeps only its
+        input for backward and runs again there (same numbers, random generators included)."""
+        for tower in towers:
+            if tower == "vision":
+                self.vision.vit.set_grad_checkpointing(True)
+            elif tower == "text":
+                self.text.checkpoint_layers()
+            elif tower == "fusion":
+                self.fusion.checkpointing = True
+            else:
+                raise ValueError(f"activation checkpointing: no tower {tower!r} (expected vision, text, fusion)")
 
     # --- parameter groups ----------------------------------------------------------------------------------
     @staticmethod

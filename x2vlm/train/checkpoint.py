@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from x2vlm import distributed
-from x2vlm.config import RunConfig, to_dict
+from x2vlm.config import ConfigError, RunConfig, to_dict
 from x2vlm.pretrained import WEIGHTS, export_weights
 from x2vlm.train import reshard
 
@@ -49,6 +49,32 @@ def full_state_dict(engine) -> dict | None:
         if not distributed.is_main():
             return None
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def require_shared_dir(folder: Path) -> None:
+    """Every rank must see the same checkpoint folder: all ranks write their part of a checkpoint there and read it
+    back on resume, so ranks on several nodes need a filesystem every node sees. Rank 0 leaves a marker with a
+    number drawn for this launch; every rank looks for it; ConfigError on every rank when one does not find it."""
+    if distributed.world_size() == 1:
+        return
+    drawn = int.from_bytes(os.urandom(7), "big") if distributed.is_main() else 0  # (no global generator touched)
+    token = int(distributed.all_reduce(torch.tensor([drawn], dtype=torch.int64)).item())
+    marker = Path(folder) / f".rank-check-{token}"
+    if distributed.is_main():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(token))
+    distributed.barrier()
+    try:
+        seen = marker.read_text() == str(token)
+    except OSError:
+        seen = False
+    everyone = distributed.all_true(seen)
+    if distributed.is_main():
+        marker.unlink(missing_ok=True)
+    if not everyone:
+        raise ConfigError(f"train.out_dir: rank {distributed.rank()} {'sees' if seen else 'does not see'} the marker "
+                          f"rank 0 left in {folder}: the ranks do not share this folder. Checkpoints need a "
+                          f"filesystem that every node sees (a shared mount); put train.out_dir on one")
 
 
 def write_latest(root: Path, tag: str) -> None:

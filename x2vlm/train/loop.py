@@ -20,7 +20,7 @@ from x2vlm import distributed
 from x2vlm.config import ConfigError, RunConfig, save_config, to_dict
 from x2vlm.objectives import for_source
 from x2vlm.pretrained import build_model, load_weights, weights_sha256
-from x2vlm.train.checkpoint import Checkpointer, checkpoint_dir, step_of
+from x2vlm.train.checkpoint import Checkpointer, checkpoint_dir, require_shared_dir, step_of
 from x2vlm.train.engine import build_ds_config, build_engine, precision_of
 from x2vlm.train.metrics import Metrics
 from x2vlm.train.optim import build_optimizer
@@ -79,6 +79,7 @@ class Trainer:
         logged metrics (rank 0's view)."""
         cfg = self.cfg
         plan = select_stage(plan_stages(cfg), stage)
+        require_shared_dir(checkpoint_dir(cfg))
         start = step_of(cfg, resume) if resume else plan[0].begin
         handoff = {"path": str(init), "sha256": weights_sha256(init)} if init else None  # fails early
         if distributed.is_main():
@@ -158,7 +159,7 @@ class Trainer:
         """One optimiser step (over train.grad_accum micro-batches); returns each source's losses, averaged."""
         accum, dtype = self.cfg.train.grad_accum, DTYPES[self.precision]
         sums: dict[str, float] = {}
-        applied = False
+        applied, all_finite = False, True
         for _ in range(accum):
             total = 0.0
             for s in self.sources:
@@ -173,13 +174,14 @@ class Trainer:
                 for k, v in losses.items():
                     sums[f"{s.name}/{k}"] = sums.get(f"{s.name}/{k}", 0.0) + float(v.detach()) / accum
             finite = self.guard.finite(total)
+            all_finite = all_finite and finite
             if finite:
                 self.engine.backward(total)
             if finite or accum > 1:  # a bad micro-batch adds nothing; the others make the step
                 self.engine.step()  # skips the update itself when the gradient is not finite
                 applied = self.engine.was_step_applied()
             sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) / accum
-        self.guard.record(applied, step)
+        self.guard.record(applied, step, overflow=self.precision == "fp16" and all_finite and not applied)
         self.samples.flush()
         return sums
 
@@ -190,6 +192,8 @@ class Trainer:
         now, w = time.perf_counter(), self.window
         grad_norm = self.engine.get_global_grad_norm()
         values = {**sums, **totals, "stage": self.stage.index, "skipped_steps": self.guard.skipped,
+                  **({"overflow_steps": self.guard.overflows, "loss_scale": float(self.engine.optimizer.loss_scale)}
+                     if self.precision == "fp16" else {}),
                   "lr": self.sched.get_last_lr()[0], "temp": float(self.engine.module.temperature().detach()),
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                   "samples_per_s": w["samples"] * self.world / max(1e-9, now - w["t"]),

@@ -68,20 +68,27 @@ class StepGuard:
     """Skips steps whose loss is not finite on some rank (every rank skips together) or whose gradient is not
     finite (DeepSpeed then leaves weights and optimiser state alone), and stops the run after `limit` consecutive
     skipped steps. A skipped step changes no weight and no optimiser state, so every checkpoint, also one saved
-    right after skipped steps, holds the weights of the last good step."""
+    right after skipped steps, holds the weights of the last good step.
+
+    In fp16 a step whose loss is finite but whose scaled gradient overflows is the dynamic loss scaler at work
+    (DeepSpeed lowers the scale and skips the step; it stops the run itself once the scale is at its minimum):
+    such steps are counted apart, as overflows, and do not count towards the limit."""
 
     def __init__(self, limit: int):
-        self.limit, self.skipped, self.consecutive = limit, 0, 0
+        self.limit, self.skipped, self.consecutive, self.overflows = limit, 0, 0, 0
 
     @staticmethod
     def finite(loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every rank (a collective)."""
         return distributed.all_true(bool(torch.isfinite(loss.detach().float()).all()))
 
-    def record(self, applied: bool, step: int) -> None:
-        """After each step: whether its update was applied."""
+    def record(self, applied: bool, step: int, overflow: bool = False) -> None:
+        """After each step: whether its update was applied, and whether it was skipped for a loss-scale overflow."""
         if applied:
             self.consecutive = 0
+            return
+        if overflow:
+            self.overflows += 1
             return
         self.skipped += 1
         self.consecutive += 1
@@ -91,10 +98,11 @@ class StepGuard:
                                 f"checkpoint is intact")
 
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped, "consecutive": self.consecutive}
+        return {"skipped": self.skipped, "consecutive": self.consecutive, "overflows": self.overflows}
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped, self.consecutive = state["skipped"], state["consecutive"]
+        self.overflows = state.get("overflows", 0)
 
 
 class SkipMonitor:
