@@ -81,6 +81,36 @@ class X2VLM(nn.Module):
             else:
                 raise ValueError(f"activation checkpointing: no tower {tower!r} (expected vision, text, fusion)")
 
+    def zero_through(self, names) -> torch.Tensor:
+        """A scalar 0 computed by running each named part (a child module) on an empty input: every trainable
+        parameter of those parts then takes part in the step with a zero gradient. Running the parts, rather than
+        summing their parameters, is what DeepSpeed's ZeRO-3 needs: it gathers a part's parameters only when the
+        part runs."""
+        dv, dt = self.vision.width, self.text.width
+        widths = {"vision_proj": dv, "text_proj": dt, "itm_head": dt, "bbox_head": dt, "mlm_head": dt, "qa_head": dt}
+        total = None
+        for name in names:
+            part = getattr(self, name)
+            params = [p for p in part.parameters() if p.requires_grad] if part is not None else []
+            if not params:
+                continue
+            empty = dict(dtype=params[0].dtype, device=params[0].device)
+            if name == "temperature":
+                out = part()
+            elif name == "temporal":
+                out = part(torch.zeros(0, 1, 1 + self.grid ** 2, dv, **empty),
+                           torch.zeros(0, 1, dtype=torch.bool, device=empty["device"]))
+            elif name == "fusion":
+                text = torch.zeros(0, 1, dt, **empty)
+                out = self.fuse(text, torch.ones(0, 1, dtype=torch.long, device=empty["device"]),
+                                torch.zeros(0, 1 + self.grid ** 2, dv, **empty))
+            elif name in widths:
+                out = part(torch.zeros(0, widths[name], **empty))
+            else:
+                raise ValueError(f"no empty input for the model part {name!r}")
+            total = out.float().sum() * 0.0 if total is None else total + out.float().sum() * 0.0
+        return total if total is not None else torch.zeros(())
+
     # --- parameter groups ----------------------------------------------------------------------------------
     @staticmethod
     def is_new_param(name: str) -> bool:

@@ -17,13 +17,11 @@ def visual_tokens(model, batch: dict) -> torch.Tensor:
 
 
 def every_parameter(loss: torch.Tensor, model, used: set) -> torch.Tensor:
-    """The loss, with every trainable parameter of the model's parts that are not in `used` (names of its
-    children) added at weight zero. DeepSpeed's ZeRO expects every parameter to take part in every step on every
-    rank; a part an objective leaves out for a batch (the temporal aggregator for images, the box head for a batch
-    without regions, the pre-training heads for question answering) then gets a zero gradient instead of none.
-    The loss's value does not change."""
-    unused = [p for name, part in model.named_children() if name not in used
-              for p in part.parameters() if p.requires_grad]
-    if not unused:
-        return loss
-    return loss + sum(p.sum() for p in unused) * 0.0
+    """The loss, plus a zero that every part of the model not in `used` (names of its children) took part in
+    (X2VLM.zero_through). DeepSpeed's ZeRO reduces gradients in buckets across ranks and expects every parameter
+    to take part in every step on every rank, also when ranks' batches differ (one rank's region batch may hold
+    no region text); a part an objective leaves out for a batch (the temporal aggregator for images, the box head
+    for a batch without regions, the pre-training heads for question answering) then gets a zero gradient
+    instead of none. The loss's value does not change."""
+    unused = [name for name, _ in model.named_children() if name not in used]
+    return loss + model.zero_through(unused) if unused else loss

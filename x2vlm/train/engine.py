@@ -93,6 +93,11 @@ def build_ds_config(cfg: RunConfig, world_size: int, sources: list | None = None
     return ds
 
 
+def offloads_optimizer(ds: dict) -> bool:
+    """Whether the DeepSpeed config puts the optimiser on the CPU."""
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
+
+
 def precision_of(ds: dict) -> str:
     return "bf16" if ds["bf16"]["enabled"] else "fp16" if ds["fp16"]["enabled"] else "fp32"
 

@@ -21,7 +21,7 @@ from x2vlm.config import ConfigError, RunConfig, save_config, to_dict
 from x2vlm.objectives import for_source
 from x2vlm.pretrained import build_model, load_weights, weights_sha256
 from x2vlm.train.checkpoint import Checkpointer, checkpoint_dir, require_shared_dir, step_of
-from x2vlm.train.engine import build_ds_config, build_engine, precision_of
+from x2vlm.train.engine import build_ds_config, build_engine, offloads_optimizer, precision_of
 from x2vlm.train.metrics import Metrics
 from x2vlm.train.optim import build_optimizer
 from x2vlm.train.rng import RandomState, seed_everything
@@ -125,8 +125,8 @@ class Trainer:
         model = build_model(cfg, self.tokenizer)
         if handoff and not resume:
             load_weights(model, handoff["path"])
-        opt, self.sched = build_optimizer(model, stage.train_config(cfg.train))
         ds = build_ds_config(cfg, self.world, sources=stage.sources)
+        opt, self.sched = build_optimizer(model, stage.train_config(cfg.train), offload=offloads_optimizer(ds))
         self.engine, self.precision = build_engine(model, opt, self.sched, ds), precision_of(ds)
         self.sources = [s for s in cfg.data.sources if s.name in stage.sources]
         self.objectives = {s.name: for_source(s.kind, cfg.loss) for s in self.sources}
@@ -148,7 +148,7 @@ class Trainer:
         if resume:
             self.run_state["init_from"] = self.checkpointer.restore(resume).get("init_from")
         came = f"from {self.run_state['init_from']['path']}" if self.run_state["init_from"] else "from scratch"
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # (ZeRO-3 partitions them)
         log.info(f"stage {stage.name!r} ({', '.join(stage.sources)}): {n_params / 1e6:.2f}M parameters, "
                  f"{self.world} rank(s), {self.precision}, ZeRO-{self.engine.zero_optimization_stage()}, steps "
                  f"{start}..{stage.end}, weights {came}")

@@ -1,4 +1,7 @@
-"""AdamW with X2-VLM's parameter groups and a linear warm-up / linear decay schedule."""
+"""AdamW with X2-VLM's parameter groups and a linear warm-up / linear decay schedule.
+
+With the optimiser offloaded to the CPU (ZeRO-Offload) the AdamW is DeepSpeed's CPU Adam (a compiled op, built
+on first use), which DeepSpeed requires there; otherwise torch's AdamW."""
 from __future__ import annotations
 
 import torch
@@ -35,7 +38,13 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, offload: bool = False):
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                               adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
     return opt, sched

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from x2vlm.config import ConfigError
+
 
 def safe_load(path, map_location=None):
     """torch.load of a DeepSpeed file with weights_only=True: tensors and plain data only, so no code from the
@@ -44,8 +46,9 @@ def load_resharded(engine, folder: Path) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     if engine.zero_optimization_stage() not in (1, 2):
-        raise RuntimeError(f"{folder}: resuming on another number of ranks needs ZeRO stage 1 or 2 (this run uses "
-                           f"stage {engine.zero_optimization_stage()}); resume on the saved number of ranks")
+        raise ConfigError(f"--resume {folder.name}: a ZeRO-{engine.zero_optimization_stage()} checkpoint resumes on "
+                          f"the number of ranks that wrote it (only ZeRO-1/2 checkpoints are re-sharded); launch "
+                          f"with that many ranks, or start from its weights with --init {folder}")
     files = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
                    key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
     if not files:
