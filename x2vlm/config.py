@@ -44,6 +44,12 @@ class VisionConfig:
     drop_path: float = 0.1
     init_checkpoint: str = ""  # local weights file (.safetensors or .pt); nothing is downloaded
     frozen: bool = False  # keep the loaded weights, compute no gradient for them (fine-tuning on little data)
+    # tokens: the ViT's final LayerNorm on every token; patches: a LayerNorm on the patch tokens only, as BEiT-2's
+    # mean-pooling head and X2-VLM (timm's `fc_norm.*`): the same patch tokens, under other parameter names.
+    final_norm: Literal["tokens", "patches"] = "tokens"
+    # Pixel statistics the encoder works in. Images always arrive normalised with mean = std = 0.5 (the data
+    # pipeline's); the encoder maps them to these first. clip: X2-VLM's (CLIP's mean and std); imagenet.
+    pixels: Literal["half", "clip", "imagenet"] = "half"
     extra: dict = field(default_factory=dict)  # further keyword arguments for timm.create_model
 
     def __post_init__(self):
@@ -80,9 +86,14 @@ class FusionConfig:
     intermediate_size: int = 3072
     dropout: float = 0.1
     vision_positions: bool = True  # add a patch-position table to the vision tokens that cross-attention reads
+    # prenorm: the project's fusion layers (pre-LN, final LayerNorm); bert: X2-VLM's post-LN BERT layers with
+    # cross-attention, named as Hugging Face BERT (x2vlm.model.fusion_bert)
+    style: Literal["prenorm", "bert"] = "prenorm"
 
     def __post_init__(self):
         positive(self, "layers", "heads", "intermediate_size")
+        if self.style == "bert" and self.vision_positions:
+            raise ConfigError("vision_positions: the bert fusion style has no vision position table; set it false")
 
 
 @dataclass
