@@ -120,6 +120,7 @@ class ModelConfig:
     embed_dim: int = 256
     box_pool_impl: BoxPoolImpl = "auto"
     qa_answers: int = 0  # video QA: size of the answer vocabulary (a classifier on the fusion [CLS]); 0 = none
+    qa_vocab: str = ""  # video QA: the answer vocabulary ({answer: label} JSON), copied into every export
     temp: float = 0.07
     temp_min: float = 0.001
     temp_max: float = 0.5
@@ -397,7 +398,29 @@ def check_paths(cfg: RunConfig) -> RunConfig:
                       ("model.text.init_checkpoint", cfg.model.text.init_checkpoint)):
         if path and not os.path.exists(path):
             raise ConfigError(f"{key}: file not found: {path}")
+    if cfg.model.qa_vocab:
+        read_answer_vocab(cfg.model.qa_vocab, cfg.model.qa_answers)
     return cfg
+
+
+def read_answer_vocab(path: str | os.PathLike, size: int) -> list[str]:
+    """The answers of a vocabulary file ({answer: label} JSON, labels 0..n-1) in label order; it must hold `size`
+    answers (model.qa_answers)."""
+    import json
+
+    key = "model.qa_vocab"
+    try:
+        vocab = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}: {path} is not JSON: {e}") from None
+    if not isinstance(vocab, dict) or not all(type(v) is int for v in vocab.values()) \
+            or sorted(vocab.values()) != list(range(len(vocab))):
+        raise ConfigError(f"{key}: {path}: expected {{answer: label}} with labels 0..n-1")
+    if len(vocab) != size:
+        raise ConfigError(f"{key}: {path} holds {len(vocab)} answers, but model.qa_answers is {size}")
+    return sorted(vocab, key=vocab.get)
 
 
 # --- YAML, presets and overrides -------------------------------------------------------------------------------
