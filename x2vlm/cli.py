@@ -1,4 +1,5 @@
-"""Command line: `x2vlm demo | pretrain | finetune | make-shards | evaluate` (also `python -m x2vlm ...`)."""
+"""Command line: `x2vlm demo | pretrain | finetune | make-shards | evaluate | import-official` (also
+`python -m x2vlm ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,19 @@ def _finetune(args) -> int:
         raise ConfigError("model.qa_answers: --task video_qa needs the answer vocabulary size (e.g. 1500)")
     train(cfg, resume=args.resume, init=None if args.resume else args.checkpoint)
     return 0
+
+
+def _import_official(args) -> int:
+    from x2vlm.official import OfficialFileError, import_official
+
+    try:
+        report = import_official(args.file, args.out, args.tokenizer, image_size=args.image_size,
+                                 frames=args.frames, task=args.task, answers=args.answers)
+    except OfficialFileError as e:
+        print(f"x2vlm import-official: error: {e}", file=sys.stderr)
+        return 1
+    print(report.text(), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
 
 
 def _demo(args) -> int:
@@ -148,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rerank-k", type=int, default=16)
     e.add_argument("--out", default=None, help="write the results JSON here too")
     e.set_defaults(func=_evaluate)
+
+    o = sub.add_parser("import-official", help="convert a published X2-VLM checkpoint (.th) into an export")
+    o.add_argument("file", help="the published file (x2vlm_base_1b.th, xvlm_beit_1b_stage2_coco_rerun.th, ...)")
+    o.add_argument("--out", required=True, help="export folder to write")
+    o.add_argument("--tokenizer", required=True, help="local BERT tokenizer folder (bert-base-uncased)")
+    o.add_argument("--image-size", type=int, default=None,
+                   help="resolution of the export (default: the file's own; position tables are resized)")
+    o.add_argument("--frames", type=int, default=None,
+                   help="frames per clip of the export (default: the file's frame embedding, else 3)")
+    o.add_argument("--task", default=None, choices=("pretrain", "retrieval", "grounding", "qa", "encoder"),
+                   help="what the export must be able to do (default: what the file was saved for); the file "
+                        "must hold every part it needs")
+    o.add_argument("--answers", default=None, help="qa: the answer vocabulary ({answer: label} JSON)")
+    o.set_defaults(func=_import_official)
+
     return p
 
 
