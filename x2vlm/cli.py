@@ -1,4 +1,4 @@
-"""Command line: `x2vlm demo | pretrain | finetune | make-shards | evaluate | import-official` (also
+"""Command line: `x2vlm demo | pretrain | finetune | make-shards | evaluate | import-official | embed` (also
 `python -m x2vlm ...`)."""
 from __future__ import annotations
 
@@ -43,6 +43,26 @@ def _import_official(args) -> int:
         return 1
     print(report.text(), file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else 1
+
+
+def _embed(args) -> int:
+    import x2vlm
+    from x2vlm.inference import embed, write_features
+
+    kind, paths = ("images", args.images) if args.images else ("videos", args.videos)
+    if not paths or (args.images and args.videos):
+        raise ConfigError("embed: expected --images PATH... or --videos PATH... (files, folders or shards)")
+    m = x2vlm.load(args.checkpoint, device=args.device)
+    try:
+        keys, feats, skipped = embed(m, paths, kind, fps=args.fps, batch_size=args.batch_size)
+        files = write_features(args.out, keys, feats)
+    except ValueError as e:
+        print(f"x2vlm embed: error: {e}", file=sys.stderr)
+        return 1
+    for reason, n in sorted(skipped.items()):
+        print(f"skipped {n}: {reason}")
+    print(f"{len(keys)} {kind} -> {feats.shape[1]}-d features: {', '.join(map(str, files))}")
+    return 0 if keys else 1
 
 
 def _demo(args) -> int:
@@ -177,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--answers", default=None, help="qa: the answer vocabulary ({answer: label} JSON)")
     o.set_defaults(func=_import_official)
 
+    b = sub.add_parser("embed", help="features of images or videos (files, folders or shards) from an export")
+    b.add_argument("--checkpoint", required=True, help="export, checkpoint or run folder")
+    b.add_argument("--images", nargs="*", default=[], help="image files, folders or image shards")
+    b.add_argument("--videos", nargs="*", default=[], help="video files, folders or video shards")
+    b.add_argument("--out", required=True, help="feats.npy (+ feats.keys.txt) or feats.parquet")
+    b.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second (default 1)")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    b.set_defaults(func=_embed)
     return p
 
 
