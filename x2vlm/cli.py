@@ -28,8 +28,25 @@ def _finetune(args) -> int:
         raise ConfigError(f"data.sources.kind: --task {args.task} trains on {wanted!r} sources only, got {kinds}")
     if args.task == "video_qa" and not cfg.model.qa_answers:
         raise ConfigError("model.qa_answers: --task video_qa needs the answer vocabulary size (e.g. 1500)")
+    if args.task == "video_qa":
+        cfg = _with_answer_vocab(cfg)
     train(cfg, resume=args.resume, init=None if args.resume else args.checkpoint)
     return 0
+
+
+def _with_answer_vocab(cfg):
+    """A video QA run's configuration with model.qa_vocab set to the ans2label.json that make-shards wrote
+    beside its shards, when it names none: its exports then carry their answers."""
+    from x2vlm.config import update
+    from x2vlm.pretrained import answer_vocab_beside
+
+    if cfg.model.qa_vocab:
+        return cfg
+    found = answer_vocab_beside([p for s in cfg.data.sources for p in s.shards])
+    if not found:
+        return cfg
+    logs.log.info(f"answer vocabulary {found} (model.qa_vocab): exported with the model")
+    return check_paths(update(cfg, {"model.qa_vocab": found}))
 
 
 def _import_official(args) -> int:
