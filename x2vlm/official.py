@@ -159,40 +159,45 @@ def _need(state: dict, key: str, path: str) -> torch.Tensor:
 
 
 def describe(state: dict, path: str = "checkpoint") -> Layout:
-    """The Layout of a normalised state dict."""
+    """The Layout of a normalised state dict. Depths count up to the highest index present, so that a layer
+    missing in the middle shows as missing rather than shrinking the model."""
     from x2vlm.model.resize import rel_pos_grid
 
     cls = _need(state, "vision_encoder.cls_token", path)
     proj = _need(state, "vision_encoder.patch_embed.proj.weight", path)
     table = _need(state, "vision_encoder.blocks.0.attn.relative_position_bias_table", path)
+    mlp = _need(state, "vision_encoder.blocks.0.mlp.fc1.weight", path)
     words = _need(state, "text_encoder.embeddings.word_embeddings.weight", path)
-    layers: dict[tuple[str, int], bool] = {}
+    positions = _need(state, "text_encoder.embeddings.position_embeddings.weight", path)
+    token_types = _need(state, "text_encoder.embeddings.token_type_embeddings.weight", path)
+    layers: dict[tuple[str, int], bool] = {}  # (encoder, index) -> has cross-attention
     for key in state:
         if m := LAYER.match(key):
             where = (m.group(1), int(m.group(2)))
             layers[where] = layers.get(where, False) or m.group(3).startswith("crossattention.")
-    text = sorted(i for (enc, i), cross in layers.items() if enc == "text_encoder")
+    text = [i for enc, i in layers if enc == "text_encoder"]
     cross = [i for (enc, i), c in layers.items() if enc == "text_encoder" and c]
-    split = min(cross) if cross else (max(text) + 1 if text else 0)
-    fusion = len([i for i in text if i >= split]) + len([1 for (enc, _) in layers if enc == "cross_encoder"])
-    first = f"text_encoder.encoder.layer.{split}." if split in text else "cross_encoder.encoder.layer.0."
-    inter = state.get(first + "intermediate.dense.weight", state.get("text_encoder.encoder.layer.0.intermediate."
-                                                                      "dense.weight"))
-    if not fusion:
+    split = min(cross) if cross else max(text, default=-1) + 1
+    fusion = max((i - split + 1 for i in text), default=0) + max((i + 1 for enc, i in layers
+                                                                  if enc == "cross_encoder"), default=0)
+    if fusion <= 0:
         raise OfficialFileError(f"{path}: not an X2-VLM checkpoint: no fusion layers (no layer with cross-attention)")
+    first = f"text_encoder.encoder.layer.{split}." if split in text else "cross_encoder.encoder.layer.0."
+    inter = state.get(first + "intermediate.dense.weight")
+    try:
+        side = (rel_pos_grid(table.shape[0]) + 1) // 2
+    except ValueError as e:
+        raise OfficialFileError(f"{path}: vision_encoder.blocks.0: {e}") from None
     frames = state.get("absolute_frame_pos_embed")
     head, head_in = state.get("cls_head.3.weight"), state.get("cls_head.0.weight")
     qa = head is not None and head_in is not None and head_in.shape[1] == words.shape[1]
     vision_proj = state.get("vision_proj.weight")
-    side = (rel_pos_grid(table.shape[0]) + 1) // 2
     return Layout(
-        width=cls.shape[-1], depth=len({int(m.group(1)) for k in state if (m := BLOCK.match(k))}),
-        patch=proj.shape[-1], image_size=side * proj.shape[-1],
-        mlp=state["vision_encoder.blocks.0.mlp.fc1.weight"].shape[0], text_width=words.shape[1],
+        width=cls.shape[-1], depth=max(int(m.group(1)) for k in state if (m := BLOCK.match(k))) + 1,
+        patch=proj.shape[-1], image_size=side * proj.shape[-1], mlp=mlp.shape[0], text_width=words.shape[1],
         vocab=words.shape[0], text_layers=split, fusion_layers=fusion,
         intermediate=inter.shape[0] if inter is not None else 4 * words.shape[1],
-        positions=state["text_encoder.embeddings.position_embeddings.weight"].shape[0],
-        token_types=state["text_encoder.embeddings.token_type_embeddings.weight"].shape[0],
+        positions=positions.shape[0], token_types=token_types.shape[0],
         frames=frames.shape[1] if frames is not None else 0, answers=head.shape[0] if qa else 0,
         embed_dim=vision_proj.shape[0] if vision_proj is not None else 256)
 

@@ -4,11 +4,10 @@ the imported BEiT-2 tower equals timm's beitv2_base_patch16_224 and the text tow
 same weights; resolution and frames change on import; a pickle that would run code is refused; a file that lacks
 what its task needs is refused and nothing is written.
 
-Real-size files of the base layouts run by default (about a gigabyte each, written once per session); the large
+Real-size files of the base layouts run by default (about a gigabyte each, written once per test run); the large
 layouts (2.4 GB) and the remaining base ones run with --full. Every layout also runs shrunk (64 wide, the same
 names, resolutions and frame counts), which is fast."""
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,7 +20,8 @@ import torch
 import x2vlm  # noqa: F401
 from x2vlm.official import TASKS, OfficialFileError, import_official
 
-KEYS = Path(os.environ.get("X2VLM_OFFICIAL_KEYS", "/work/shared/reference/x2vlm-official-keys"))
+# Every key and shape of each layout the original code builds (layer indices folded), one file per layout.
+KEYS = Path(__file__).resolve().parents[1] / "data" / "x2vlm_official_keys"
 LINE = re.compile(r"^(\S+) \[([\d,]*)\]( int64)?(?:\s+i=\[(\d+)\.\.(\d+)\])?$")
 TASK_OF = {"pretrain_base_4m": "pretrain", "pretrain_base_1b_stage2": "pretrain",
            "pretrain_large_1b_stage2": "pretrain", "retrieval_base_384": "retrieval",
@@ -29,7 +29,6 @@ TASK_OF = {"pretrain_base_4m": "pretrain", "pretrain_base_1b_stage2": "pretrain"
            "nlvr_base_384": "encoder", "cclm_base": "pretrain"}
 REAL_BY_DEFAULT = ("pretrain_base_1b_stage2", "retrieval_base_384", "msrvttqa_base_224_f5")
 SMALL_VOCAB = 200
-pytestmark = pytest.mark.skipif(not KEYS.is_dir(), reason=f"no reference key lists at {KEYS}")
 
 
 def layout_keys(name: str) -> dict:
@@ -95,7 +94,7 @@ def bert_vocab_dir(path: Path, size: int) -> Path:
 
 @pytest.fixture(scope="session")
 def official(tmp_path_factory):
-    """official(name, small) -> (path of a file of that layout, its state dict): written once per session."""
+    """official(name, small) -> (path of a file of that layout, its state dict): written once per test run."""
     root = tmp_path_factory.mktemp("official")
     made = {}
 
@@ -308,6 +307,11 @@ def test_cli_imports_and_refuses_what_the_task_lacks(official, tokenizers, tmp_p
     report = import_official(tmp_path / "partial.th", tmp_path / "no", str(tokenizers["small"]))
     assert report.refused == ["text"] and report.missing["text"] == 16
     assert "refused: task retrieval needs text, which the file lacks" in report.text()
+    assert not (tmp_path / "no").exists()
+    # a fusion layer gone from the middle: the fusion stack keeps its depth and is incomplete, refused
+    torch.save({k: v for k, v in state.items() if ".layer.14." not in k}, tmp_path / "gap.th")
+    report = import_official(tmp_path / "gap.th", tmp_path / "no", str(tokenizers["small"]))
+    assert report.layout.fusion_layers == 6 and report.refused == ["fusion"] and report.missing["fusion"] == 26
     assert not (tmp_path / "no").exists()
 
 
