@@ -153,3 +153,25 @@ def test_the_readme_inference_example_runs_as_written(demo, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip()
+
+
+def test_embed_videos_from_a_folder_and_from_shards(demo, tmp_path):
+    """`x2vlm embed --videos`: the mp4 files of a folder, and the same clips read from QA shards, give the
+    features `encode_videos` gives."""
+    import numpy as np
+
+    from x2vlm.data.pipeline import iterate_samples
+    from x2vlm.data.samples import ClipDecoder
+
+    out, paths, _ = demo
+    folder = out / "data" / "published" / "videos"
+    test_ids = [s["json"]["video_id"] for s in iterate_samples(paths["video_qa_test"], ClipDecoder(needs="qa"))]
+    _run("embed", "--checkpoint", out / "pre", "--videos", folder, *paths["video_qa_test"], "--out",
+         tmp_path / "v.npy", "--batch-size", "4")
+    feats, keys = np.load(tmp_path / "v.npy"), (tmp_path / "v.keys.txt").read_text().split()
+    files = sorted(folder.glob("*.mp4"))
+    assert feats.shape == (len(files) + len(test_ids), 128) and keys[:len(files)] == [f.name for f in files]
+    m = x2vlm.load(out / "pre")
+    assert np.allclose(feats[:len(files)], m.encode_videos([str(f) for f in files]).numpy(), atol=1e-5)
+    from_files = {f.stem: row for f, row in zip(files, feats)}
+    assert np.allclose(feats[len(files):], np.stack([from_files[v] for v in test_ids]), atol=1e-5)
