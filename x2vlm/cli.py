@@ -1,4 +1,5 @@
-"""Command line: `x2vlm demo | pretrain | finetune | make-shards | evaluate` (also `python -m x2vlm ...`)."""
+"""Command line: `x2vlm demo | pretrain | finetune | make-shards | evaluate | import-official | embed` (also
+`python -m x2vlm ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,58 @@ def _finetune(args) -> int:
         raise ConfigError(f"data.sources.kind: --task {args.task} trains on {wanted!r} sources only, got {kinds}")
     if args.task == "video_qa" and not cfg.model.qa_answers:
         raise ConfigError("model.qa_answers: --task video_qa needs the answer vocabulary size (e.g. 1500)")
+    if args.task == "video_qa":
+        cfg = _with_answer_vocab(cfg)
     train(cfg, resume=args.resume, init=None if args.resume else args.checkpoint)
     return 0
+
+
+def _with_answer_vocab(cfg):
+    """A video QA run's configuration with model.qa_vocab set to the ans2label.json that make-shards wrote
+    beside its shards, when it names none: its exports then carry their answers."""
+    from x2vlm.config import update
+    from x2vlm.pretrained import answer_vocab_beside
+
+    if cfg.model.qa_vocab:
+        return cfg
+    found = answer_vocab_beside([p for s in cfg.data.sources for p in s.shards])
+    if not found:
+        return cfg
+    logs.log.info(f"answer vocabulary {found} (model.qa_vocab): exported with the model")
+    return check_paths(update(cfg, {"model.qa_vocab": found}))
+
+
+def _import_official(args) -> int:
+    from x2vlm.official import OfficialFileError, import_official
+
+    try:
+        report = import_official(args.file, args.out, args.tokenizer, image_size=args.image_size,
+                                 frames=args.frames, task=args.task, answers=args.answers)
+    except OfficialFileError as e:
+        print(f"x2vlm import-official: error: {e}", file=sys.stderr)
+        return 1
+    print(report.text(), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _embed(args) -> int:
+    import x2vlm
+    from x2vlm.inference import embed, write_features
+
+    kind, paths = ("images", args.images) if args.images else ("videos", args.videos)
+    if not paths or (args.images and args.videos):
+        raise ConfigError("embed: expected --images PATH... or --videos PATH... (files, folders or shards)")
+    m = x2vlm.load(args.checkpoint, device=args.device)
+    try:
+        keys, feats, skipped = embed(m, paths, kind, fps=args.fps, batch_size=args.batch_size)
+        files = write_features(args.out, keys, feats)
+    except ValueError as e:
+        print(f"x2vlm embed: error: {e}", file=sys.stderr)
+        return 1
+    for reason, n in sorted(skipped.items()):
+        print(f"skipped {n}: {reason}")
+    print(f"{len(keys)} {kind} -> {feats.shape[1]}-d features: {', '.join(map(str, files))}")
+    return 0 if keys else 1
 
 
 def _demo(args) -> int:
@@ -188,6 +239,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rerank-k", type=int, default=16)
     e.add_argument("--out", default=None, help="write the results JSON here too")
     e.set_defaults(func=_evaluate)
+
+    o = sub.add_parser("import-official", help="convert a published X2-VLM checkpoint (.th) into an export")
+    o.add_argument("file", help="the published file (x2vlm_base_1b.th, xvlm_beit_1b_stage2_coco_rerun.th, ...)")
+    o.add_argument("--out", required=True, help="export folder to write")
+    o.add_argument("--tokenizer", required=True, help="local BERT tokenizer folder (bert-base-uncased)")
+    o.add_argument("--image-size", type=int, default=None,
+                   help="resolution of the export (default: the file's own; position tables are resized)")
+    o.add_argument("--frames", type=int, default=None,
+                   help="frames per clip of the export (default: the file's frame embedding, else 3)")
+    o.add_argument("--task", default=None, choices=("pretrain", "retrieval", "grounding", "qa", "encoder"),
+                   help="what the export must be able to do (default: what the file was saved for); the file "
+                        "must hold every part it needs")
+    o.add_argument("--answers", default=None, help="qa: the answer vocabulary ({answer: label} JSON)")
+    o.set_defaults(func=_import_official)
+
+    b = sub.add_parser("embed", help="features of images or videos (files, folders or shards) from an export")
+    b.add_argument("--checkpoint", required=True, help="export, checkpoint or run folder")
+    b.add_argument("--images", nargs="*", default=[], help="image files, folders or image shards")
+    b.add_argument("--videos", nargs="*", default=[], help="video files, folders or video shards")
+    b.add_argument("--out", required=True, help="feats.npy (+ feats.keys.txt) or feats.parquet")
+    b.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second (default 1)")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    b.set_defaults(func=_embed)
     return p
 
 

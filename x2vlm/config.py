@@ -44,6 +44,12 @@ class VisionConfig:
     drop_path: float = 0.1
     init_checkpoint: str = ""  # local weights file (.safetensors or .pt); nothing is downloaded
     frozen: bool = False  # keep the loaded weights, compute no gradient for them (fine-tuning on little data)
+    # tokens: the ViT's final LayerNorm on every token; patches: a LayerNorm on the patch tokens only, as BEiT-2's
+    # mean-pooling head and X2-VLM (timm's `fc_norm.*`): the same patch tokens, under other parameter names.
+    final_norm: Literal["tokens", "patches"] = "tokens"
+    # Pixel statistics the encoder works in. Images always arrive normalised with mean = std = 0.5 (the data
+    # pipeline's); the encoder maps them to these first. clip: X2-VLM's (CLIP's mean and std); imagenet.
+    pixels: Literal["half", "clip", "imagenet"] = "half"
     extra: dict = field(default_factory=dict)  # further keyword arguments for timm.create_model
 
     def __post_init__(self):
@@ -80,9 +86,14 @@ class FusionConfig:
     intermediate_size: int = 3072
     dropout: float = 0.1
     vision_positions: bool = True  # add a patch-position table to the vision tokens that cross-attention reads
+    # prenorm: the project's fusion layers (pre-LN, final LayerNorm); bert: X2-VLM's post-LN BERT layers with
+    # cross-attention, named as Hugging Face BERT (x2vlm.model.fusion_bert)
+    style: Literal["prenorm", "bert"] = "prenorm"
 
     def __post_init__(self):
         positive(self, "layers", "heads", "intermediate_size")
+        if self.style == "bert" and self.vision_positions:
+            raise ConfigError("vision_positions: the bert fusion style has no vision position table; set it false")
 
 
 @dataclass
@@ -110,6 +121,7 @@ class ModelConfig:
     embed_dim: int = 256
     box_pool_impl: BoxPoolImpl = "auto"
     qa_answers: int = 0  # video QA: size of the answer vocabulary (a classifier on the fusion [CLS]); 0 = none
+    qa_vocab: str = ""  # video QA: the answer vocabulary ({answer: label} JSON), copied into every export
     temp: float = 0.07
     temp_min: float = 0.001
     temp_max: float = 0.5
@@ -394,7 +406,29 @@ def check_paths(cfg: RunConfig) -> RunConfig:
                       ("model.text.init_checkpoint", cfg.model.text.init_checkpoint)):
         if path and not os.path.exists(path):
             raise ConfigError(f"{key}: file not found: {path}")
+    if cfg.model.qa_vocab:
+        read_answer_vocab(cfg.model.qa_vocab, cfg.model.qa_answers)
     return cfg
+
+
+def read_answer_vocab(path: str | os.PathLike, size: int) -> list[str]:
+    """The answers of a vocabulary file ({answer: label} JSON, labels 0..n-1) in label order; it must hold `size`
+    answers (model.qa_answers)."""
+    import json
+
+    key = "model.qa_vocab"
+    try:
+        vocab = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{key}: {path} is not JSON: {e}") from None
+    if not isinstance(vocab, dict) or not all(type(v) is int for v in vocab.values()) \
+            or sorted(vocab.values()) != list(range(len(vocab))):
+        raise ConfigError(f"{key}: {path}: expected {{answer: label}} with labels 0..n-1")
+    if len(vocab) != size:
+        raise ConfigError(f"{key}: {path} holds {len(vocab)} answers, but model.qa_answers is {size}")
+    return sorted(vocab, key=vocab.get)
 
 
 # --- YAML, presets and overrides -------------------------------------------------------------------------------

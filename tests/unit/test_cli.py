@@ -15,7 +15,7 @@ def test_wrong_key_stops_before_any_work(tmp_path):
     p = run("pretrain", "--config", "tiny", "model.fusion.layerz=2", f"train.out_dir={tmp_path}/run")
     assert p.returncode == 2
     assert p.stderr.strip() == ("x2vlm pretrain: error: model.fusion.layerz: unknown key "
-                                "(expected one of: dropout, heads, intermediate_size, layers, vision_positions)")
+                                "(expected one of: dropout, heads, intermediate_size, layers, style, vision_positions)")
     assert not (tmp_path / "run").exists()
     p = run("pretrain", "--config", "tiny", f"data.sources.0.shards=[{tmp_path}/none-*.tar]")
     assert p.returncode == 2 and "data.sources.0.shards" in p.stderr and "no shard matches" in p.stderr

@@ -1,7 +1,12 @@
 """Vision encoder: a timm ViT or BEiT(-2) whose output is [mean patch token, patch tokens].
 
 The ViT's own prefix tokens ([CLS], registers) take part in attention but are dropped from the output; the visual
-"CLS" is the mean of the patch tokens after the final LayerNorm. Output [N, 1 + P, D].
+"CLS" is the mean of the patch tokens after the final LayerNorm (`final_norm: tokens`, timm's `norm`, on every
+token) or after a LayerNorm of the patch tokens alone (`final_norm: patches`, timm's `fc_norm`: BEiT-2's
+mean-pooling head, as X2-VLM). Output [N, 1 + P, D].
+
+Images come in normalised with mean = std = 0.5; an encoder trained with other pixel statistics (`pixels: clip`,
+X2-VLM's) maps them to its own first, so every caller prepares images one way.
 """
 from __future__ import annotations
 
@@ -50,6 +55,11 @@ def adapt_state_dict(state: dict, vit: nn.Module) -> dict:
     return filter_fn(state, vit) if filter_fn is not None else state
 
 
+PIXEL_STATS = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+               "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+INPUT_MEAN = INPUT_STD = 0.5  # what x2vlm.data.transforms normalises with
+
+
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     """Fixed 2-D sine-cosine position table [grid * grid, dim], row-major: half the channels encode the row,
     half the column (as MAE initialises ViTs trained from scratch)."""
@@ -67,13 +77,20 @@ class VisionEncoder(nn.Module):
         super().__init__()
         import timm
 
-        # global_pool="" keeps the final LayerNorm on the tokens (with "avg", BEiT moves it after the pooling).
+        # global_pool="" keeps the final LayerNorm on the tokens; "avg" makes it `fc_norm`, which timm applies after
+        # pooling and this encoder to each patch token (final_norm: patches).
         kwargs = dict(pretrained=False, img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width,
                       depth=cfg.depth, num_heads=cfg.heads, drop_path_rate=cfg.drop_path, num_classes=0,
-                      global_pool="")
+                      global_pool="avg" if cfg.final_norm == "patches" else "")
         self.vit = timm.create_model(cfg.name, **{**kwargs, **cfg.extra})
         self.prefix = getattr(self.vit, "num_prefix_tokens", 1)
         self.width = cfg.width
+        self.patch_norm = cfg.final_norm == "patches"
+        self.pixel_map = cfg.pixels != "half"
+        if self.pixel_map:  # x = 0.5 x' + 0.5 in [0, 1], then (x - mean) / std: x' * scale + shift per channel
+            mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in PIXEL_STATS[cfg.pixels])
+            self.register_buffer("pixel_scale", INPUT_STD / std, persistent=False)
+            self.register_buffer("pixel_shift", (INPUT_MEAN - mean) / std, persistent=False)
         self.init_position_table(cfg.image_size // cfg.patch_size)
         if cfg.init_checkpoint:
             self.load_checkpoint(cfg.init_checkpoint)
@@ -99,5 +116,10 @@ class VisionEncoder(nn.Module):
         return missing, unexpected
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N, 3, H, W] normalised with mean = std = 0.5 -> [N, 1 + P, D]."""
+        if self.pixel_map:
+            images = images * self.pixel_scale.to(images.dtype) + self.pixel_shift.to(images.dtype)
         patches = self.vit.forward_features(images)[:, self.prefix:]
+        if self.patch_norm:
+            patches = self.vit.fc_norm(patches)
         return torch.cat([patches.mean(1, keepdim=True), patches], dim=1)

@@ -18,6 +18,7 @@ from torch import nn
 
 from x2vlm.config import ModelConfig
 from x2vlm.model.fusion import FusionEncoder
+from x2vlm.model.fusion_bert import BertFusionEncoder
 from x2vlm.model.heads import BoxHead, MLMHead, MLPHead, Projection, Temperature
 from x2vlm.model.regions import patch_mask
 from x2vlm.model.temporal import TemporalAggregator
@@ -47,7 +48,10 @@ class X2VLM(nn.Module):
         self.text = TextEncoder(cfg.text, vocab_size, pad_id)
         dv, dt = self.vision.width, self.text.width
         self.grid = cfg.vision.image_size // cfg.vision.patch_size
-        self.fusion = FusionEncoder(cfg.fusion, width=dt, vision_width=dv, grid=self.grid)
+        if cfg.fusion.style == "bert":  # X2-VLM's own layers (post-LN BERT with cross-attention)
+            self.fusion = BertFusionEncoder(cfg.fusion, width=dt, vision_width=dv)
+        else:
+            self.fusion = FusionEncoder(cfg.fusion, width=dt, vision_width=dv, grid=self.grid)
         self.vision_proj = Projection(dv, cfg.embed_dim)
         self.text_proj = Projection(dt, cfg.embed_dim)
         self.temperature = Temperature(cfg.temp, cfg.temp_min, cfg.temp_max)
@@ -60,6 +64,8 @@ class X2VLM(nn.Module):
             self.qa_head.apply(init_fresh)
         for fresh in (self.fusion, self.vision_proj, self.text_proj, self.itm_head, self.bbox_head, self.mlm_head):
             fresh.apply(init_fresh)
+        if cfg.fusion.style == "bert" and cfg.text.init_checkpoint:  # as X2-VLM: from the text encoder's top
+            self.fusion.init_from_text(self.text.encoder)
         self.vision.requires_grad_(not cfg.vision.frozen)
         self.checkpoint_towers(cfg.activation_checkpointing)
 
