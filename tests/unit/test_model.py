@@ -320,9 +320,11 @@ def saved_bytes(fn) -> int:
     return out, sum(seen.values())
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_less_kept():
+@pytest.mark.parametrize("style", [[], ["model.fusion.style=bert", "model.fusion.vision_positions=false"]],
+                         ids=["pre-ln", "bert"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_less_kept(style):
     cfg = tiny_cfg("model.text.dropout=0.1", "model.fusion.dropout=0.1", "model.vision.drop_path=0.1",
-                   "model.vision.depth=3")
+                   "model.vision.depth=3", *style)
     torch.manual_seed(0)
     plain = X2VLM(cfg.model, vocab_size=VOCAB, pad_id=0)
     ckpt = X2VLM(dataclasses.replace(cfg.model, activation_checkpointing=["vision", "text", "fusion"]),

@@ -76,6 +76,17 @@ class FusionLayer(nn.Module):
         return x + self.drop(self.ffn(self.norm3(x)))
 
 
+def run_layers(layers, text: torch.Tensor, checkpointing: bool, *args) -> torch.Tensor:
+    """text through each layer(text, *args) in turn; with `checkpointing` (while training) each layer keeps only
+    its inputs for backward and runs again there."""
+    for layer in layers:
+        if checkpointing and layer.training and torch.is_grad_enabled():
+            text = checkpoint(layer, text, *args, use_reentrant=False)
+        else:
+            text = layer(text, *args)
+    return text
+
+
 class FusionEncoder(nn.Module):
     def __init__(self, cfg: FusionConfig, width: int, vision_width: int, grid: int):
         super().__init__()
@@ -103,9 +114,5 @@ class FusionEncoder(nn.Module):
             pos = self.vis_pos.to(vis.dtype)  # [1, 1 + P, Dv]
             vis = vis + pos
             first = None if first is None else first + pos[0, :1]
-        for layer in self.layers:
-            if self.checkpointing and self.training and torch.is_grad_enabled():
-                text = checkpoint(layer, text, text_mask, vis, vis_mask, index, first, use_reentrant=False)
-            else:
-                text = layer(text, text_mask, vis, vis_mask, index, first)
+        text = run_layers(self.layers, text, self.checkpointing, text_mask, vis, vis_mask, index, first)
         return self.norm(text)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from x2vlm.config import FusionConfig
+from x2vlm.model.fusion import run_layers
 
 LN_EPS = 1e-12  # BERT's LayerNorm epsilon
 
@@ -107,16 +108,14 @@ class BertFusionEncoder(nn.Module):
     def __init__(self, cfg: FusionConfig, width: int, vision_width: int):
         super().__init__()
         self.layer = nn.ModuleList(BertFusionLayer(width, vision_width, cfg) for _ in range(cfg.layers))
+        self.checkpointing = False  # activation checkpointing of every layer (see ModelConfig)
 
     def forward(self, text: torch.Tensor, text_atts: torch.Tensor, vis: torch.Tensor, vis_mask: torch.Tensor,
                 index: torch.Tensor | None = None, first: torch.Tensor | None = None) -> torch.Tensor:
         """text [M, L, Dt], text_atts [M, L] (1 = token, 0 = padding), vis [N, V, Dv] with index [M] (text ->
         row of vis; None: N = M, row i for text i), vis_mask [M, V] bool, first [M, Dv] or None (replaces
         vision token 0 per text) -> [M, L, Dt]."""
-        text_mask = text_atts.bool()  # [M, L]
-        for layer in self.layer:
-            text = layer(text, text_mask, vis, vis_mask, index, first)
-        return text
+        return run_layers(self.layer, text, self.checkpointing, text_atts.bool(), vis, vis_mask, index, first)
 
     @torch.no_grad()
     def init_from_text(self, text_encoder: nn.Module) -> int:
