@@ -152,7 +152,7 @@ def _evaluate(args) -> int:
     result = evaluate_checkpoint(args.checkpoint, image_shards=args.images, region_shards=args.regions,
                                  video_shards=args.videos, fps=args.fps, max_frames=args.max_frames,
                                  videoqa_shards=args.videoqa, rerank_k=args.rerank_k, seek=args.seek,
-                                 keyframe_tolerance=args.keyframe_tolerance)
+                                 keyframe_tolerance=args.keyframe_tolerance, image_size=args.image_size)
     text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w") as f:
@@ -232,11 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--videos", nargs="*", default=[], help="video-text shards for video retrieval")
     e.add_argument("--videoqa", nargs="*", default=[], help="video QA shards (from make-shards --format video-qa)")
     e.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second (default 1)")
-    e.add_argument("--max-frames", type=int, default=8, help="most frames per clip (default 8)")
+    e.add_argument("--max-frames", type=int, default=8,
+                   help="most frames per clip (default 8; more than the model's frame embedding covers resizes it)")
     e.add_argument("--seek", default="exact", choices=("exact", "keyframe"),
                    help="exact frames (default), or the nearest keyframe when one lies within --keyframe-tolerance")
     e.add_argument("--keyframe-tolerance", type=float, default=0.5, help="seconds (default 0.5; --seek keyframe)")
     e.add_argument("--rerank-k", type=int, default=16)
+    e.add_argument("--image-size", type=int, default=None,
+                   help="evaluate at this resolution (position tables are resized; default: the checkpoint's)")
     e.add_argument("--out", default=None, help="write the results JSON here too")
     e.set_defaults(func=_evaluate)
 

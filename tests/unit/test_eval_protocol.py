@@ -45,6 +45,22 @@ def test_evaluation_records_its_protocol_and_repeats_exactly(video_finetuning, t
         "n_questions": sum(len(c["qa"]) for c in v.test_clips), "n_clips": 4}
 
 
+def test_evaluation_at_another_resolution_and_more_frames(video_finetuning, tmp_path, caplog):
+    """An export of 64 px with an 8-frame embedding evaluated at 96 px on clips of 10 frames: the tables are
+    resized as the model loads, and the protocol records what was evaluated."""
+    v = video_finetuning
+    cfg = v.config("resized", SourceConfig(name="clips", kind="video", shards=v.retrieval))
+    assert (cfg.model.vision.image_size, cfg.model.video.max_frames) == (64, 8)
+    torch.manual_seed(3)
+    export_weights(build_model(cfg, v.tokenizer).state_dict(), cfg, tmp_path / "ckpt", str(v.root / "tok"))
+    with caplog.at_level("INFO", logger="x2vlm"):
+        out = evaluate_checkpoint(str(tmp_path / "ckpt"), video_shards=v.retrieval, max_frames=10, image_size=96,
+                                  probe_direction=False)
+    assert out["image_size"] == 96 and out["video_retrieval"]["protocol"]["max_frames"] == 10
+    assert out["video_retrieval"]["protocol"]["image_size"] == 96 and out["video_retrieval"]["pool_size"] == 16
+    assert "resized" in caplog.text
+
+
 class TableModel(torch.nn.Module):
     """Answers the questions it is asked, in order, with the labels of a table."""
 

@@ -15,7 +15,7 @@ from x2vlm.eval.grounding import evaluate_grounding
 from x2vlm.eval.retrieval import evaluate_retrieval
 from x2vlm.eval.video import direction_probe
 from x2vlm.eval.videoqa import evaluate_videoqa
-from x2vlm.pretrained import find_export, load_pretrained, weights_sha256
+from x2vlm.pretrained import find_export, load_pretrained, read_config, weights_sha256
 
 
 def make_tokenize(tokenizer, max_len: int):
@@ -80,11 +80,17 @@ def protocol(sha256: str, shards, **settings) -> dict:
 @torch.no_grad()
 def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rerank_k: int = 16,
                         video_shards=(), fps: float = 1.0, max_frames: int = 8, videoqa_shards=(),
-                        probe_direction: bool = True, seek: str = "exact", keyframe_tolerance: float = 0.5) -> dict:
+                        probe_direction: bool = True, seek: str = "exact", keyframe_tolerance: float = 0.5,
+                        image_size: int | None = None) -> dict:
     """Every evaluation the given shards allow, each with its `protocol`. Deterministic: no sampling (clips are
-    read at the evaluation offsets), no dropout, the same numbers for the same checkpoint and shards."""
+    read at the evaluation offsets), no dropout, the same numbers for the same checkpoint and shards. At another
+    `image_size` than the checkpoint's, and with more frames per clip (`max_frames`) than its frame embedding
+    covers, the model's tables are resized as it loads (a line says what was resized)."""
     folder = find_export(checkpoint)
-    model, tokenizer, cfg = load_pretrained(folder)
+    table = read_config(folder).model.video.max_frames
+    clips_given = bool(video_shards or videoqa_shards)
+    model, tokenizer, cfg = load_pretrained(folder, image_size=image_size,
+                                            frames=max_frames if clips_given and max_frames > table else None)
     size = cfg.model.vision.image_size
     tokenize = make_tokenize(tokenizer, cfg.model.text.max_len)
     sha = weights_sha256(folder)
