@@ -167,8 +167,11 @@ class DataConfig:
     crop_scale_min: float = 0.5
     hflip: bool = True
     max_skip_fraction: float = 0.1  # stop the run when more than this fraction of samples was bad
+    open_shards: int = 4  # shards each loader worker reads at once, drawing every sample from one of them at random
+    remote_cache: str = ""  # local folder for remote shards (pipe:, http): downloaded once, read by index; "" = stream
 
     def __post_init__(self):
+        positive(self, "open_shards")
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"sources.name: expected unique names, got {names}")

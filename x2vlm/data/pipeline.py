@@ -141,10 +141,11 @@ class VideoQABatcher(Batcher):
 class SourceBatches(torch.utils.data.IterableDataset):
     """Batches of one source from a ShardStream; the last partial batch of a finite pass is kept.
 
-    Each batch carries "_position" {"worker", "epoch", "shard", "sample", "batch"}: the worker that made it and
-    where that worker's stream stands after it (see ShardStream), and how many batches the worker has made. A
-    batch's random numbers (augmentation, masking) come from a generator keyed by (seed, rank, worker, batch
-    number), so `resume_at` with saved positions continues the very same sequence of batches."""
+    Each batch carries "_position" {"worker", "epoch", "next", "open", "drawn", "batch"}: the worker that made it,
+    where that worker's stream stands after it (a ShardStream position), and how many batches the worker has
+    made; all of it small and JSON-able. A batch's random numbers (augmentation, masking) come from a generator
+    keyed by (seed, rank, worker, batch number), so `resume_at` with saved positions continues the very same
+    sequence of batches."""
 
     def __init__(self, stream: ShardStream, batcher: Batcher, batch_size: int, seed: int):
         self.stream, self.batcher, self.batch_size, self.seed = stream, batcher, batch_size, seed
@@ -153,7 +154,7 @@ class SourceBatches(torch.utils.data.IterableDataset):
     def resume_at(self, positions: dict, consumed: int, num_workers: int) -> None:
         """Continue from saved positions {worker: batch position} after `consumed` batches were taken."""
         offset = consumed % max(1, num_workers)
-        self.stream.resume_at({w: (p["epoch"], p["shard"], p["sample"]) for w, p in positions.items()}, offset)
+        self.stream.resume_at(positions, offset)
         self.batches = {int(w): int(p["batch"]) for w, p in positions.items()}
 
     def __iter__(self):
@@ -168,8 +169,7 @@ class SourceBatches(torch.utils.data.IterableDataset):
             gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
             out = self.batcher(chunk, skipped, rng, gen)
             count += 1
-            out["_position"] = {"worker": worker, "epoch": pos[0], "shard": pos[1], "sample": pos[2],
-                                "batch": count}
+            out["_position"] = {"worker": worker, **pos, "batch": count}
             return out
 
         for item in self.stream:
@@ -202,7 +202,8 @@ def build_loader(source: SourceConfig, data_cfg: DataConfig, tokenizer, image_si
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenise; no threads inside them
     workers = data_cfg.num_workers
     stream = ShardStream(source.shards, decoder(source, train), seed=seed, infinite=train, shuffle=train, rank=rank,
-                         world_size=world_size, num_workers=workers)
+                         world_size=world_size, num_workers=workers, open_shards=data_cfg.open_shards if train else 1,
+                         cache_dir=data_cfg.remote_cache)
     kind = {"video": VideoBatcher, "video_qa": VideoQABatcher}.get(source.kind, Batcher)
     batcher = kind(source.kind, tokenizer, image_size, max_len, loss_cfg, source.max_texts, train,
                    data_cfg.crop_scale_min, data_cfg.hflip, source.with_caption)
