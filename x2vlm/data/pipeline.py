@@ -5,9 +5,9 @@ Batch format (the model's contract):
     masked); image_idx [M] long (text -> image); boxes [M, 4] float pixel (x, y, w, h) in the augmented image,
     (0, 0, W, H) for whole-image captions; is_region [M] bool; skipped {kind: count} (bad input skipped since
     the previous batch of this worker); keys [N].
-An "image" source gives one caption per image (M == N). A "region" source gives per image its caption and up to
-max_texts - 1 randomly chosen region phrases (with_caption: false: up to max_texts phrases and no caption), the
-texts of one image next to each other. A "video" source gives
+An "image" source gives one caption per image (M == N; training draws one of an image's captions). A "region"
+source gives per image its caption and up to max_texts - 1 randomly chosen region phrases (with_caption: false, or
+an image without a caption: up to max_texts phrases), the texts of one image next to each other. A "video" source gives
 "videos" [N, F, 3, H, W] (clips sampled at `fps` frames per second, padded to the batch's longest clip) and
 "frame_mask" [N, F] bool instead of "images", and one caption per clip; its frames are resized only (no crop,
 no flip: captions speak of directions). batch_size counts images (clips). Training loaders repeat their shards
@@ -24,7 +24,7 @@ import torch
 
 from x2vlm.config import DataConfig, LossConfig, SourceConfig
 from x2vlm.data.masking import mask_batch
-from x2vlm.data.samples import ClipDecoder, add_counts, decode_image
+from x2vlm.data.samples import ClipDecoder, ImageDecoder, add_counts, decode_image
 from x2vlm.data.shards import ShardStream
 from x2vlm.data.tokenizer import tokenize
 from x2vlm.data.transforms import eval_transform, frames_to_tensor, train_transform
@@ -49,20 +49,22 @@ class Batcher:
         meta = sample["json"]
         regions = (meta.get("regions") or []) if self.kind == "region" else []
         boxes = [r["box"] for r in regions]
+        caption = meta.get("caption") or ""  # (a region sample may have none; the decoder then gave regions)
+        use_caption = bool(caption) and (self.with_caption or not regions)
         if self.train:
-            texts = [meta["caption"]] + [r["phrase"] for r in regions]
+            texts = [caption] + [r["phrase"] for r in regions]
             anchor = int(rng.integers(len(regions))) if regions else None
             tensor, boxes, kept = train_transform(sample["image"], boxes, texts, self.size, rng, self.scale_min,
                                                   self.hflip, anchor)
-            order = rng.permutation(len(kept))[:self.max_texts - self.with_caption].tolist()
+            order = rng.permutation(len(kept))[:self.max_texts - use_caption].tolist()
         else:
             tensor, boxes = eval_transform(sample["image"], boxes, self.size)
             kept = list(range(len(regions)))
-            order = list(range(min(len(regions), self.max_texts - self.with_caption)))
+            order = list(range(min(len(regions), self.max_texts - use_caption)))
         whole = [0.0, 0.0, float(self.size), float(self.size)]
         items = [(regions[kept[j]]["phrase"], boxes[j], True) for j in order]
-        if self.with_caption or not items:
-            items.insert(0, (meta["caption"], whole, False))
+        if use_caption:
+            items.insert(0, (caption, whole, False))
         return tensor, items
 
     def __call__(self, samples: list, skipped: dict, rng: np.random.Generator, gen: torch.Generator) -> dict:
@@ -188,11 +190,11 @@ class SourceBatches(torch.utils.data.IterableDataset):
 
 
 def decoder(source: SourceConfig, train: bool):
-    """The sample decoder of a source's kind."""
+    """The sample decoder of a source's kind (a region source accepts images known by their regions only)."""
     if source.kind in ("video", "video_qa"):
         return ClipDecoder(source.fps, source.max_frames, source.min_frames, train,
                            needs="qa" if source.kind == "video_qa" else "caption")
-    return decode_image
+    return ImageDecoder(needs_caption=source.kind == "image", train=train)
 
 
 def build_loader(source: SourceConfig, data_cfg: DataConfig, tokenizer, image_size: int, max_len: int,
