@@ -109,8 +109,8 @@ def _evaluate(args) -> int:
 
     result = evaluate_checkpoint(args.checkpoint, image_shards=args.images, region_shards=args.regions,
                                  video_shards=args.videos, fps=args.fps, max_frames=args.max_frames,
-                                 videoqa_shards=args.videoqa,
-                                 rerank_k=args.rerank_k)
+                                 videoqa_shards=args.videoqa, rerank_k=args.rerank_k,
+                                 min_regions=args.min_regions)
     text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w") as f:
@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second (default 1)")
     e.add_argument("--max-frames", type=int, default=8, help="most frames per clip (default 8)")
     e.add_argument("--rerank-k", type=int, default=16)
+    e.add_argument("--min-regions", type=int, default=2,
+                   help="grounding: images with at least this many regions (default 2; 1 for RefCOCO)")
     e.add_argument("--out", default=None, help="write the results JSON here too")
     e.set_defaults(func=_evaluate)
     return p
