@@ -9,10 +9,20 @@ from x2vlm import logs
 from x2vlm.config import ConfigError, check_paths, load_config
 
 
+def _checked_config(args):
+    """The run's configuration; with --resume, its data must be resumable exactly."""
+    cfg = check_paths(load_config(args.config, args.overrides))
+    if args.resume:
+        from x2vlm.data.shards import check_resumable
+
+        check_resumable(cfg.data)
+    return cfg
+
+
 def _pretrain(args) -> int:
     from x2vlm.train.loop import train
 
-    cfg = check_paths(load_config(args.config, args.overrides))
+    cfg = _checked_config(args)
     train(cfg, resume=args.resume, stage=args.stage, init=args.init)
     return 0
 
@@ -20,7 +30,7 @@ def _pretrain(args) -> int:
 def _finetune(args) -> int:
     from x2vlm.train.loop import train
 
-    cfg = check_paths(load_config(args.config, args.overrides))
+    cfg = _checked_config(args)
     wanted = {"video_retrieval": "video", "video_qa": "video_qa"}[args.task]
     kinds = sorted({s.kind for s in cfg.data.sources})
     if kinds != [wanted]:
