@@ -238,7 +238,7 @@ def image_sample(task: dict):
     image = task["image"]
     if task.get("base64"):
         try:
-            image = base64.b64decode(image)
+            image = base64.b64decode("".join(image.split()), validate=True)
         except (binascii.Error, ValueError, TypeError):
             return None, {"bad_base64": 1}
     data, size, why = load_image(image)

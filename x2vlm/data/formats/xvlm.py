@@ -117,7 +117,7 @@ def clip_sample(task: dict):
     frames, size = [], None
     for b64 in task["frames"]:
         try:
-            data = base64.b64decode(b64)
+            data = base64.b64decode("".join(b64.split()), validate=True)
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 if im.format != "JPEG":
