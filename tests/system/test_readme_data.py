@@ -168,8 +168,8 @@ def write_data_sets(root: Path, s: list) -> list:
                                                      (9, "unmapped?", "no")])])
     # the project's own format
     for i, x in enumerate(s[50:54]):
-        save(root / "mine" / "images" / f"{i}.jpg", jpeg_of(x))
-    save(root / "mine" / "train.jsonl", "\n".join(json.dumps({"image": f"{i}.jpg", "caption": x["caption"],
+        save(root / "mine" / "images" / f"m{i}.jpg", jpeg_of(x))
+    save(root / "mine" / "train.jsonl", "\n".join(json.dumps({"image": f"m{i}.jpg", "caption": x["caption"],
                                                               "regions": x["regions"]})
                                                   for i, x in enumerate(s[50:54])) + "\n{\"caption\": \"no image\"}")
     # img2dataset and video2dataset output, used as it is
@@ -250,12 +250,22 @@ def test_the_converted_shards_train_and_evaluate(converted):
     assert all(rc == 0 for rc, _ in outputs.values())
     train = next(c for c in COMMANDS if c.startswith("x2vlm pretrain"))
     evaluate = next(c for c in COMMANDS if c.startswith("x2vlm evaluate"))
-    p = run_shell(root, train)
+    p = run_shell(root, f"{train} train.sample_log=true")  # (the keys of every step, to check below)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [json.loads(line) for line in (root / "runs" / "mine" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
     assert {"images/itc", "regions/itc", "videos/itc"} <= set(rows[-1])
     assert rows[-1].get("skipped/failed_download", 0) >= 1  # the video2dataset failure record, counted
+    used = {}
+    for line in (root / "runs" / "mine" / "samples" / "rank0.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        used.setdefault(r["source"], set()).update(r["keys"])
+    # every set of shards that the command names was read: COCO, img2dataset, CC3M, own format; VG, X-VLM
+    # regions; MSRVTT, WebVid (CSV), X-VLM frames, video2dataset
+    keys = {source: {re.sub(r"\d", "#", k) for k in ks} for source, ks in used.items()}
+    assert {"COCO_val####_############", "#########", "#", "m#"} <= keys["images"], keys["images"]
+    assert {"vg_#", "r#"} <= keys["regions"], keys["regions"]
+    assert {"video#", "####_####", "webvid_#########", "#########_#"} <= keys["videos"], keys["videos"]
     p = run_shell(root, evaluate)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     result = json.loads((root / "runs" / "mine" / "eval.json").read_text())

@@ -64,6 +64,8 @@ def expand_shards(patterns) -> list:
     for pattern in patterns:
         for p in braceexpand(str(pattern)):
             if is_remote(p):
+                if p.startswith(("http://", "https://")) and glob.has_magic(p):
+                    raise FileNotFoundError(f"{p!r}: a URL cannot be a glob (list its shards with a brace pattern)")
                 found = [p]
             elif os.path.isdir(p):
                 found = sorted(glob.glob(os.path.join(p, "*.tar")))
