@@ -11,10 +11,20 @@ from x2vlm.config import ConfigError, check_paths, load_config
 from x2vlm.distributed import StaleBuildLock
 
 
+def _checked_config(args):
+    """The run's configuration; with --resume, its data must be resumable exactly."""
+    cfg = check_paths(load_config(args.config, args.overrides))
+    if args.resume:
+        from x2vlm.data.shards import check_resumable
+
+        check_resumable(cfg.data)
+    return cfg
+
+
 def _pretrain(args) -> int:
     from x2vlm.train.loop import train
 
-    cfg = check_paths(load_config(args.config, args.overrides))
+    cfg = _checked_config(args)
     train(cfg, resume=args.resume, stage=args.stage, init=args.init)
     return 0
 
@@ -22,7 +32,7 @@ def _pretrain(args) -> int:
 def _finetune(args) -> int:
     from x2vlm.train.loop import train
 
-    cfg = check_paths(load_config(args.config, args.overrides))
+    cfg = _checked_config(args)
     wanted = {"video_retrieval": "video", "video_qa": "video_qa"}[args.task]
     kinds = sorted({s.kind for s in cfg.data.sources})
     if kinds != [wanted]:
@@ -91,33 +101,65 @@ def _demo(args) -> int:
     return 0
 
 
+FORMATS = ("images", "xvlm", "xvlm-video", "coco", "vg", "refcoco", "csv", "video-retrieval", "video-qa")
+ONE_FILE = ("images", "coco", "vg", "refcoco", "csv", "video-retrieval", "video-qa")
+
+
+def _convert(args) -> list:
+    """Shards from annotations in one of FORMATS."""
+    from x2vlm.data.formats import coco, images, refcoco, tables, video, vg, xvlm
+
+    common = {"out_dir": args.out, "prefix": args.prefix, "per_shard": args.per_shard, "processes": args.processes}
+    if args.format in ONE_FILE and len(args.annotations) > 1:
+        raise ConfigError(f"--annotations: --format {args.format} reads one file, got {len(args.annotations)}")
+    ann = args.annotations[0]
+    if args.format == "images":
+        return images.annotations_to_shards(ann, args.image_root, **common)
+    if args.format == "xvlm":
+        return xvlm.images_to_shards(args.annotations, args.image_root, image_key=args.image_key,
+                                     caption_key=args.caption_key, lang=args.lang, **common)
+    if args.format == "xvlm-video":
+        return xvlm.videos_to_shards(args.annotations, frame_fps=args.frame_fps, **common)
+    if args.format == "coco":
+        return coco.coco_to_shards(ann, args.image_root, split=args.split, **common)
+    if args.format == "vg":
+        return vg.vg_to_shards(ann, args.image_root, image_data=args.image_data, **common)
+    if args.format == "refcoco":
+        return refcoco.refcoco_to_shards(ann, args.image_root, split=args.split, instances=args.instances, **common)
+    if args.format == "csv":
+        root = args.video_root if args.media == "video" else args.image_root
+        return tables.table_to_shards(ann, root, path_column=args.path_column, caption_column=args.caption_column,
+                                      delimiter=args.delimiter, media=args.media, **common)
+    if args.format == "video-retrieval":
+        return video.retrieval_to_shards(ann, args.video_root, split=args.split, video_list=args.video_list,
+                                         reencode_gop=args.reencode_gop, **common)
+    return video.videoqa_to_shards(ann, args.video_root, ans2label=args.ans2label, vocab_size=args.vocab_size,
+                                   mapping=args.video_mapping, reencode_gop=args.reencode_gop, **common)
+
+
 def _make_shards(args) -> int:
     if args.synthetic:
         from x2vlm.data.samples import write_shards
         from x2vlm.demo.shapesworld import generate
 
-        samples = generate(args.split, args.n, seed=args.seed, image_size=args.image_size)
-        paths = write_shards(samples, args.out, args.split, args.per_shard)
+        if args.split not in (None, "train", "heldout"):
+            raise ConfigError(f"--split: --synthetic writes train or heldout, got {args.split!r}")
+        samples = generate(args.split or "train", args.n, seed=args.seed, image_size=args.image_size)
+        paths = write_shards(samples, args.out, args.split or "train", args.per_shard)
     else:
         if not args.annotations:
-            raise ConfigError("make-shards: expected --annotations FILE (or --synthetic)")
+            raise ConfigError("--annotations: expected the annotation file(s) of the data set (or --synthetic)")
+        from x2vlm.data.formats.common import default_processes
+
+        args.processes = default_processes() if args.processes is None else args.processes
+        for name, value in (("--per-shard", args.per_shard), ("--processes", args.processes)):
+            if value < 1:
+                raise ConfigError(f"{name}: expected a positive number, got {value}")
         try:
-            if args.format == "images":
-                from x2vlm.data.formats.images import annotations_to_shards
-
-                paths = annotations_to_shards(args.annotations, args.image_root, args.out, args.prefix,
-                                              args.per_shard)
-            elif args.format == "video-retrieval":
-                from x2vlm.data.formats.video import retrieval_to_shards
-
-                paths = retrieval_to_shards(args.annotations, args.video_root, args.out, args.prefix, args.per_shard,
-                                            reencode_gop=args.reencode_gop)
-            else:
-                from x2vlm.data.formats.video import videoqa_to_shards
-
-                paths = videoqa_to_shards(args.annotations, args.video_root, args.out, args.prefix, args.per_shard,
-                                          args.ans2label, args.vocab_size, reencode_gop=args.reencode_gop)
-        except (ValueError, json.JSONDecodeError) as e:
+            paths = _convert(args)
+        except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            if isinstance(e, ConfigError):
+                raise
             print(f"x2vlm make-shards: error: {e}", file=sys.stderr)
             return 1
     print(f"wrote {len(paths)} shard(s) to {args.out}")
@@ -152,7 +194,8 @@ def _evaluate(args) -> int:
     result = evaluate_checkpoint(args.checkpoint, image_shards=args.images, region_shards=args.regions,
                                  video_shards=args.videos, fps=args.fps, max_frames=args.max_frames,
                                  videoqa_shards=args.videoqa, rerank_k=args.rerank_k, seek=args.seek,
-                                 keyframe_tolerance=args.keyframe_tolerance, image_size=args.image_size)
+                                 keyframe_tolerance=args.keyframe_tolerance, image_size=args.image_size,
+                                 min_regions=args.min_regions)
     text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w") as f:
@@ -193,23 +236,52 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("overrides", nargs="*", help="dotted overrides")
     f.set_defaults(func=_finetune)
 
-    m = sub.add_parser("make-shards", help="write WebDataset shards from annotations or synthetic data")
+    m = sub.add_parser("make-shards", help="write WebDataset shards from a data set's published annotation files",
+                       description="Write WebDataset shards from a data set's published annotation files (what is "
+                                   "skipped is counted by reason and printed).")
     m.add_argument("--out", required=True)
-    m.add_argument("--annotations", help="JSON list or JSONL of {image, caption, regions: [{box, phrase}]}")
-    m.add_argument("--format", default="images", choices=("images", "video-retrieval", "video-qa"),
-                   help="images: {image, caption, regions}; video-retrieval: MSRVTT {video_id, caption}; "
-                        "video-qa: MSRVTT-QA / MSVD-QA {video_id, question, answer}")
+    m.add_argument("--format", default="images", choices=FORMATS,
+                   help="images: {image, caption, regions} JSON/JSONL; xvlm: X-VLM/X2-VLM image-text and region "
+                        "JSON lines; xvlm-video: X-VLM video-text JSON lines (base64 frames); coco: COCO captions "
+                        "(official, Karpathy's dataset_coco.json, or ALBEF's Karpathy splits); vg: Visual Genome "
+                        "region_descriptions.json; refcoco: refs(unc).p + instances.json; csv: a CSV/TSV of (file, "
+                        "caption); video-retrieval: MSRVTT (list JSON, the official videodatainfo JSON, the 1k-A "
+                        "test CSV); video-qa: MSRVTT-QA / MSVD-QA {video_id, question, answer}")
+    m.add_argument("--annotations", nargs="+", help="annotation file(s); xvlm formats also take folders")
     m.add_argument("--image-root", default=".", help="folder that image paths are relative to")
     m.add_argument("--video-root", default=".", help="folder of the videos (<video_id>.mp4)")
-    m.add_argument("--ans2label", default=None, help="video-qa: answer vocabulary JSON (default: built by frequency)")
-    m.add_argument("--vocab-size", type=int, default=1500, help="video-qa: answers kept when building the vocabulary")
     m.add_argument("--reencode-gop", type=float, default=None, metavar="SECONDS",
                    help="video formats: re-encode each video (H.264 mp4, video stream only, about 2.3x larger) with "
                         "a keyframe every SECONDS at the 1-fps sample times, so that reading it decodes little")
     m.add_argument("--prefix", default="data")
     m.add_argument("--per-shard", type=int, default=1000)
+    m.add_argument("--processes", type=int, default=None,
+                   help="parallel processes (default: the CPU count, at most 8); the shards are the same whatever "
+                        "the count")
+    m.add_argument("--split", default=None,
+                   help="coco (Karpathy's file): e.g. test or train,restval; refcoco: train, val, testA, testB, "
+                        "test; video-retrieval (official MSRVTT JSON): train, validate, test; --synthetic: "
+                        "train or heldout")
+    m.add_argument("--image-key", default=None, help="xvlm: the image's key (default: binary, else a path key)")
+    m.add_argument("--caption-key", default=None, help="xvlm: the caption's key (default: caption, else desc)")
+    m.add_argument("--lang", default=None, help="xvlm: of per-language captions keep only this language")
+    m.add_argument("--frame-fps", type=float, default=1.0,
+                   help="xvlm-video: the rate the frames were taken at (not in X-VLM's files; default 1): read "
+                        "the shards with this fps")
+    m.add_argument("--image-data", default=None, help="vg: image_data.json (file names and sizes)")
+    m.add_argument("--instances", default=None, help="refcoco: instances.json (default: beside the pickle)")
+    m.add_argument("--path-column", default="path",
+                   help="csv: the file column (a name, a 0-based number for a file without header, or a template "
+                        "such as {page_dir}/{videoid}.mp4)")
+    m.add_argument("--caption-column", default="caption", help="csv: the caption column (a name or a number)")
+    m.add_argument("--delimiter", default=None, help="csv: the column delimiter (default: tab for .tsv, else comma)")
+    m.add_argument("--media", default="image", choices=("image", "video"), help="csv: images or videos")
+    m.add_argument("--video-list", default=None,
+                   help="video-retrieval: keep only these videos (a CSV with video_id, e.g. MSRVTT_train.9k.csv)")
+    m.add_argument("--video-mapping", default=None, help="video-qa: MSVD's youtube_mapping.txt")
+    m.add_argument("--ans2label", default=None, help="video-qa: answer vocabulary JSON (default: built by frequency)")
+    m.add_argument("--vocab-size", type=int, default=1500, help="video-qa: answers kept when building the vocabulary")
     m.add_argument("--synthetic", action="store_true", help="write ShapesWorld data instead")
-    m.add_argument("--split", default="train", choices=("train", "heldout"))
     m.add_argument("--n", type=int, default=1000)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--image-size", type=int, default=64)
@@ -240,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rerank-k", type=int, default=16)
     e.add_argument("--image-size", type=int, default=None,
                    help="evaluate at this resolution (position tables are resized; default: the checkpoint's)")
+    e.add_argument("--min-regions", type=int, default=2,
+                   help="grounding: images with at least this many regions (default 2; 1 for RefCOCO)")
     e.add_argument("--out", default=None, help="write the results JSON here too")
     e.set_defaults(func=_evaluate)
 

@@ -160,7 +160,7 @@ SourceKind = Literal["image", "region", "video", "video_qa"]
 class SourceConfig:
     name: str = "images"
     kind: SourceKind = "image"
-    shards: list[str] = field(default_factory=list)  # tar paths, globs, brace patterns or folders
+    shards: list[str] = field(default_factory=list)  # tar paths, globs, brace patterns, folders, pipe:/http shards
     batch_size: int = 8  # images (or clips) per rank and step
     weight: float = 1.0  # loss weight of this source in every step
     max_texts: int = 5  # region sources: texts per image (whole-image caption + regions)
@@ -187,8 +187,11 @@ class DataConfig:
     crop_scale_min: float = 0.5
     hflip: bool = True
     max_skip_fraction: float = 0.1  # stop the run when more than this fraction of samples was bad
+    open_shards: int = 4  # shards each loader worker reads at once, drawing every sample from one of them at random
+    remote_cache: str = ""  # local folder for remote shards (pipe:, http): downloaded once, read by index; "" = stream
 
     def __post_init__(self):
+        positive(self, "open_shards")
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"sources.name: expected unique names, got {names}")
@@ -266,15 +269,46 @@ class RunConfig:
                                   f"frames, more than model.video.max_frames {self.model.video.max_frames}")
 
 
+# Lists of patterns that users type as they would in a shell (braces, globs, commas, with or without brackets).
+PATTERN_FIELDS = {(SourceConfig, "shards")}
+
+
 # --- building from plain data -------------------------------------------------------------------------------
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp, key: str) -> Any:
-    """`value` checked against the field type `tp` (ints are accepted where floats are expected)."""
+def split_patterns(text: str) -> list[str]:
+    """A shard list as users type it: "a.tar", "a.tar,b.tar", "[a.tar, b.tar]", "[shards/coco-{000..099}.tar]"
+    -> its patterns. Commas inside braces belong to a brace pattern ("{a,b}.tar"); quotes around an item go."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    items, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth <= 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    items.append(current)
+    out = []
+    for item in (i.strip() for i in items):
+        if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"":
+            item = item[1:-1].strip()
+        if item:
+            out.append(item)
+    return out
+
+
+def _coerce(value: Any, tp, key: str, patterns: bool = False) -> Any:
+    """`value` checked against the field type `tp` (ints are accepted where floats are expected; a list of
+    `patterns`, such as a source's shards, may be given as one string: see split_patterns)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if patterns and isinstance(value, str):
+        value = split_patterns(value)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: expected one of {', '.join(map(str, args))}, got {value!r}")
@@ -337,7 +371,8 @@ def _build(cls, raw: Any, prefix: str):
         if key not in names:
             where = f"{prefix}.{key}" if prefix else key
             raise ConfigError(f"{where}: unknown key (expected one of: {', '.join(sorted(names))})")
-    kwargs = {name: _coerce(raw[name], hints[name], f"{prefix}.{name}" if prefix else name)
+    kwargs = {name: _coerce(raw[name], hints[name], f"{prefix}.{name}" if prefix else name,
+                            (cls, name) in PATTERN_FIELDS)
               for name in names if name in raw}
     return _construct(cls, kwargs, prefix)
 
@@ -389,7 +424,7 @@ def update(cfg, values: dict):
             old = node[int(last)]
             node[int(last)] = _build(type(old), value, key) if dataclasses.is_dataclass(old) else value
         else:
-            setattr(node, last, _coerce(value, _field_type(node, last, key), key))
+            setattr(node, last, _coerce(value, _field_type(node, last, key), key, (type(node), last) in PATTERN_FIELDS))
     return validate(new)
 
 
@@ -433,8 +468,34 @@ def read_answer_vocab(path: str | os.PathLike, size: int) -> list[str]:
 
 # --- YAML, presets and overrides -------------------------------------------------------------------------------
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+def _field_of(key: str):
+    """(section class, field name) that a dotted key of a RunConfig names, or None."""
+    tp, owner = RunConfig, None
+    for part in key.split("."):
+        if dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            if part not in hints:
+                return None
+            tp, owner = hints[part], (tp, part)
+        elif typing.get_origin(tp) is list and part.isdigit():
+            tp, owner = typing.get_args(tp)[0], None
+        else:
+            return None
+    return owner
+
+
+def _parse_value(text: str, key: str = "") -> Any:
+    """An override's value: YAML, except for a shard list, which is read as users type it (split_patterns)."""
+    if text == "":
+        return ""
+    if _field_of(key) in PATTERN_FIELDS:
+        return split_patterns(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        hint = "; quote a pattern with braces, or set data.sources.N.shards on its own" if "{" in text else ""
+        raise ConfigError(f"{key}: cannot read {text!r} as a value ({problem}{hint})") from None
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -477,15 +538,29 @@ def preset_path(name: str) -> Path:
 def _apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
+            raise ConfigError(f"{item}: expected key=value (an override)")
         key, text = item.split("=", 1)
-        _set_dotted(raw, key.strip(), _parse_value(text.strip()))
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"{item}: expected a dotted key before '=', e.g. train.steps=100")
+        _set_dotted(raw, key, _parse_value(text.strip(), key))
     return raw
 
 
 def load_raw(preset: str, overrides: list[str] | None = None) -> dict:
-    with open(preset_path(preset)) as f:
-        raw = yaml.safe_load(f) or {}
+    path = preset_path(preset)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config: {path}: not valid YAML ({problem}{where})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config: {path}: cannot be read ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {path}: expected a mapping of sections (model, loss, data, train)")
     return _apply_overrides(raw, overrides)
 
 

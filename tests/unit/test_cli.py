@@ -37,7 +37,7 @@ def test_make_shards_counts_what_it_skips(tmp_path):
     assert p.returncode == 0, p.stderr
     out = p.stdout
     for line in ("skipped 1 entry: bad_box", "skipped 1 entry: empty_text", "skipped 1 entry: missing_image",
-                 "skipped 1 entry: unreadable_image", "1 usable entries"):
+                 "skipped 1 entry: unreadable_image", "1 usable images"):
         assert line in out, out
     from x2vlm.data.pipeline import iterate_samples
 

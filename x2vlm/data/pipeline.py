@@ -5,9 +5,9 @@ Batch format (the model's contract):
     masked); image_idx [M] long (text -> image); boxes [M, 4] float pixel (x, y, w, h) in the augmented image,
     (0, 0, W, H) for whole-image captions; is_region [M] bool; skipped {kind: count} (bad input skipped since
     the previous batch of this worker); keys [N].
-An "image" source gives one caption per image (M == N). A "region" source gives per image its caption and up to
-max_texts - 1 randomly chosen region phrases (with_caption: false: up to max_texts phrases and no caption), the
-texts of one image next to each other. A "video" source gives
+An "image" source gives one caption per image (M == N; training draws one of an image's captions). A "region"
+source gives per image its caption and up to max_texts - 1 randomly chosen region phrases (with_caption: false, or
+an image without a caption: up to max_texts phrases), the texts of one image next to each other. A "video" source gives
 "videos" [N, F, 3, H, W] (clips sampled at `fps` frames per second, padded to the batch's longest clip) and
 "frame_mask" [N, F] bool instead of "images", and one caption per clip; its frames are resized only (no crop,
 no flip: captions speak of directions). batch_size counts images (clips). Training loaders repeat their shards
@@ -24,7 +24,7 @@ import torch
 
 from x2vlm.config import DataConfig, LossConfig, SourceConfig
 from x2vlm.data.masking import mask_batch
-from x2vlm.data.samples import ClipDecoder, add_counts, decode_image
+from x2vlm.data.samples import ClipDecoder, ImageDecoder, add_counts, decode_image
 from x2vlm.data.shards import ShardStream
 from x2vlm.data.tokenizer import tokenize
 from x2vlm.data.transforms import eval_transform, frames_to_tensor, train_transform
@@ -49,20 +49,22 @@ class Batcher:
         meta = sample["json"]
         regions = (meta.get("regions") or []) if self.kind == "region" else []
         boxes = [r["box"] for r in regions]
+        caption = meta.get("caption") or ""  # (a region sample may have none; the decoder then gave regions)
+        use_caption = bool(caption) and (self.with_caption or not regions)
         if self.train:
-            texts = [meta["caption"]] + [r["phrase"] for r in regions]
+            texts = [caption] + [r["phrase"] for r in regions]
             anchor = int(rng.integers(len(regions))) if regions else None
             tensor, boxes, kept = train_transform(sample["image"], boxes, texts, self.size, rng, self.scale_min,
                                                   self.hflip, anchor)
-            order = rng.permutation(len(kept))[:self.max_texts - self.with_caption].tolist()
+            order = rng.permutation(len(kept))[:self.max_texts - use_caption].tolist()
         else:
             tensor, boxes = eval_transform(sample["image"], boxes, self.size)
             kept = list(range(len(regions)))
-            order = list(range(min(len(regions), self.max_texts - self.with_caption)))
+            order = list(range(min(len(regions), self.max_texts - use_caption)))
         whole = [0.0, 0.0, float(self.size), float(self.size)]
         items = [(regions[kept[j]]["phrase"], boxes[j], True) for j in order]
-        if self.with_caption or not items:
-            items.insert(0, (meta["caption"], whole, False))
+        if use_caption:
+            items.insert(0, (caption, whole, False))
         return tensor, items
 
     def __call__(self, samples: list, skipped: dict, rng: np.random.Generator, gen: torch.Generator) -> dict:
@@ -141,10 +143,11 @@ class VideoQABatcher(Batcher):
 class SourceBatches(torch.utils.data.IterableDataset):
     """Batches of one source from a ShardStream; the last partial batch of a finite pass is kept.
 
-    Each batch carries "_position" {"worker", "epoch", "shard", "sample", "batch"}: the worker that made it and
-    where that worker's stream stands after it (see ShardStream), and how many batches the worker has made. A
-    batch's random numbers (augmentation, masking) come from a generator keyed by (seed, rank, worker, batch
-    number), so `resume_at` with saved positions continues the very same sequence of batches."""
+    Each batch carries "_position" {"worker", "epoch", "next", "open", "drawn", "batch"}: the worker that made it,
+    where that worker's stream stands after it (a ShardStream position), and how many batches the worker has
+    made; all of it small and JSON-able. A batch's random numbers (augmentation, masking) come from a generator
+    keyed by (seed, rank, worker, batch number), so `resume_at` with saved positions continues the very same
+    sequence of batches."""
 
     def __init__(self, stream: ShardStream, batcher: Batcher, batch_size: int, seed: int):
         self.stream, self.batcher, self.batch_size, self.seed = stream, batcher, batch_size, seed
@@ -153,7 +156,7 @@ class SourceBatches(torch.utils.data.IterableDataset):
     def resume_at(self, positions: dict, consumed: int, num_workers: int) -> None:
         """Continue from saved positions {worker: batch position} after `consumed` batches were taken."""
         offset = consumed % max(1, num_workers)
-        self.stream.resume_at({w: (p["epoch"], p["shard"], p["sample"]) for w, p in positions.items()}, offset)
+        self.stream.resume_at(positions, offset)
         self.batches = {int(w): int(p["batch"]) for w, p in positions.items()}
 
     def __iter__(self):
@@ -168,8 +171,7 @@ class SourceBatches(torch.utils.data.IterableDataset):
             gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
             out = self.batcher(chunk, skipped, rng, gen)
             count += 1
-            out["_position"] = {"worker": worker, "epoch": pos[0], "shard": pos[1], "sample": pos[2],
-                                "batch": count}
+            out["_position"] = {"worker": worker, **pos, "batch": count}
             return out
 
         for item in self.stream:
@@ -188,12 +190,12 @@ class SourceBatches(torch.utils.data.IterableDataset):
 
 
 def decoder(source: SourceConfig, train: bool):
-    """The sample decoder of a source's kind."""
+    """The sample decoder of a source's kind (a region source accepts images known by their regions only)."""
     if source.kind in ("video", "video_qa"):
         return ClipDecoder(source.fps, source.max_frames, source.min_frames, train,
                            needs="qa" if source.kind == "video_qa" else "caption", seek=source.seek,
                            keyframe_tolerance=source.keyframe_tolerance)
-    return decode_image
+    return ImageDecoder(needs_caption=source.kind == "image", train=train)
 
 
 def build_loader(source: SourceConfig, data_cfg: DataConfig, tokenizer, image_size: int, max_len: int,
@@ -203,7 +205,8 @@ def build_loader(source: SourceConfig, data_cfg: DataConfig, tokenizer, image_si
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers tokenise; no threads inside them
     workers = data_cfg.num_workers
     stream = ShardStream(source.shards, decoder(source, train), seed=seed, infinite=train, shuffle=train, rank=rank,
-                         world_size=world_size, num_workers=workers)
+                         world_size=world_size, num_workers=workers, open_shards=data_cfg.open_shards if train else 1,
+                         cache_dir=data_cfg.remote_cache)
     kind = {"video": VideoBatcher, "video_qa": VideoQABatcher}.get(source.kind, Batcher)
     batcher = kind(source.kind, tokenizer, image_size, max_len, loss_cfg, source.max_texts, train,
                    data_cfg.crop_scale_min, data_cfg.hflip, source.with_caption)

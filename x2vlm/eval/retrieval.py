@@ -1,9 +1,22 @@
-"""Image-text retrieval on a held-out pool: ITC similarity over the whole pool, then ITM re-rank of the top k."""
+"""Image-text retrieval on a held-out pool: ITC similarity over the whole pool, then ITM re-rank of the top k.
+
+A pool may hold several texts per visual item (COCO's five captions per image), and several items of one
+instance: the ranks are by instance, as the standard COCO protocol computes them. Text -> image: the rank of the
+best-ranked item of the text's instance; image -> text: the rank of the best-ranked text of the image's instance.
+With one text per item and one item per instance these are the plain ranks of the true item.
+"""
 from __future__ import annotations
 
 import torch
 
-from x2vlm.eval.ranking import gt_ranks, recall, rerank_scores
+from x2vlm.eval.ranking import recall, rerank_scores
+
+
+def positive_ranks(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each query's best-scored positive item (`positive` [Q, N] bool, at least one per row): how
+    many items score strictly higher (ties count in its favour)."""
+    best = scores.float().masked_fill(~positive, float("-inf")).max(1, keepdim=True).values
+    return (scores.float() > best).sum(1)
 
 
 @torch.no_grad()
@@ -36,11 +49,17 @@ def itm_scorer(model, vis, txt, atts, batch: int = 128):
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, images, ids, atts, rerank_k: int = 16, frame_mask=None) -> dict:
-    """Text i describes image i (images [N, 3, H, W]) or clip i (videos [N, F, 3, H, W] with frame_mask
-    [N, F]). Returns R@1/5/10 and ranks both ways ("t2i"/"i2t", or "t2v"/"v2t" for clips), from ITC and after
-    ITM re-ranking of the top k."""
+def evaluate_retrieval(model, images, ids, atts, rerank_k: int = 16, frame_mask=None, text_item=None,
+                       instances=None) -> dict:
+    """Texts (ids, atts [M, L]) against images [N, 3, H, W] or clips (videos [N, F, 3, H, W] with frame_mask
+    [N, F]). Text t describes item text_item[t] (default: text i describes item i); items with equal `instances`
+    [N] are one instance (default: each item its own). Returns R@1/5/10 and ranks both ways ("t2i"/"i2t", or
+    "t2v"/"v2t" for clips), from ITC and after ITM re-ranking of the top k."""
     model.eval()
+    n_items = len(images)
+    text_item = torch.arange(len(ids)) if text_item is None else torch.as_tensor(text_item)
+    instances = torch.arange(n_items) if instances is None else torch.as_tensor(instances)
+    positive = instances[text_item][:, None] == instances[None, :]  # [M, N]
     if frame_mask is None:
         names = ("t2i", "i2t")
         encode = lambda i, j: model.encode_image(images[i:j])  # noqa: E731
@@ -49,18 +68,19 @@ def evaluate_retrieval(model, images, ids, atts, rerank_k: int = 16, frame_mask=
         encode = lambda i, j: model.encode_video(images[i:j], frame_mask[i:j])  # noqa: E731
     vis, img_f, txt, txt_f = encode_pool(model, encode, len(images), ids, atts)
     sim_t2i = txt_f @ img_f.T
-    gt = torch.arange(len(ids))
     score = itm_scorer(model, vis, txt, atts)
 
     def both(t2i: torch.Tensor, i2t: torch.Tensor) -> dict:
         out = {}
-        for name, s in zip(names, (t2i, i2t)):
-            for k, v in recall(gt_ranks(s, gt)).items():
+        for name, s, pos in zip(names, (t2i, i2t), (positive, positive.T)):
+            for k, v in recall(positive_ranks(s, pos)).items():
                 out[f"{name}_{k}"] = v
         return out
 
     result = both(sim_t2i, sim_t2i.T)
-    result["pool_size"] = len(ids)
+    result["pool_size"] = n_items
+    if len(ids) != n_items:
+        result["n_texts"] = len(ids)
     reranked = both(rerank_scores(sim_t2i, rerank_k, score),
                     rerank_scores(sim_t2i.T, rerank_k, lambda i, t: score(t, i)))
     result["itm_rerank"] = {**reranked, "k": rerank_k}

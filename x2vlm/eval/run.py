@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from x2vlm.data.pipeline import iterate_samples, pad_clips
-from x2vlm.data.samples import ClipDecoder
+from x2vlm.data.samples import ClipDecoder, ImageDecoder
 from x2vlm.data.shards import expand_shards
 from x2vlm.data.tokenizer import tokenize
 from x2vlm.data.transforms import eval_transform, frames_to_tensor
@@ -35,19 +35,32 @@ def clips(shards, fps: float = 1.0, max_frames: int = 8, min_frames: int = 1, ne
 
 
 def load_pool(shards, image_size: int):
-    """Images and captions of image-text shards, one caption per image, in shard order."""
-    images, captions = [], []
-    for s in iterate_samples(shards):
+    """Images and captions of image-text shards, one caption per image (its first), in shard order."""
+    images, captions, _, _ = load_captioned_pool(shards, image_size)
+    return images, [c[0] for c in captions]
+
+
+def load_captioned_pool(shards, image_size: int):
+    """(images [N, 3, H, W], [[caption, ...] per image], instances [N], keys) of image-text shards in shard
+    order: every caption of an image (its "captions", else its "caption"); images with equal "image_id" are one
+    instance (an image without one is its own)."""
+    images, captions, instances, keys, ids = [], [], [], [], {}
+    for n, s in enumerate(iterate_samples(shards)):
         img, _ = eval_transform(s["image"], [], image_size)
         images.append(img)
-        captions.append(s["json"]["caption"])
-    return torch.stack(images), captions
+        captions.append(s["json"].get("captions") or [s["json"]["caption"]])
+        image_id = s["json"].get("image_id")
+        name = ("id", str(image_id)) if image_id is not None else ("sample", n)
+        instances.append(ids.setdefault(name, len(ids)))
+        keys.append(s["key"])
+    return torch.stack(images), captions, torch.tensor(instances), keys
 
 
 def load_grounding(shards, image_size: int, min_shapes: int = 2):
-    """(image, [(phrase, box)]) for images with at least `min_shapes` regions; boxes in output pixels."""
+    """(image, [(phrase, box)]) for images with at least `min_shapes` regions (with or without a caption); boxes
+    in output pixels."""
     out = []
-    for s in iterate_samples(shards):
+    for s in iterate_samples(shards, ImageDecoder(needs_caption=False)):
         regions = s["json"].get("regions") or []
         if len(regions) < min_shapes:
             continue
@@ -81,11 +94,12 @@ def protocol(sha256: str, shards, **settings) -> dict:
 def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rerank_k: int = 16,
                         video_shards=(), fps: float = 1.0, max_frames: int = 8, videoqa_shards=(),
                         probe_direction: bool = True, seek: str = "exact", keyframe_tolerance: float = 0.5,
-                        image_size: int | None = None) -> dict:
+                        image_size: int | None = None, min_regions: int = 2) -> dict:
     """Every evaluation the given shards allow, each with its `protocol`. Deterministic: no sampling (clips are
     read at the evaluation offsets), no dropout, the same numbers for the same checkpoint and shards. At another
     `image_size` than the checkpoint's, and with more frames per clip (`max_frames`) than its frame embedding
-    covers, the model's tables are resized as it loads (a line says what was resized)."""
+    covers, the model's tables are resized as it loads (a line says what was resized). Grounding takes the images
+    with at least `min_regions` regions (1 for referring-expression data such as RefCOCO)."""
     folder = find_export(checkpoint)
     table = read_config(folder).model.video.max_frames
     clips_given = bool(video_shards or videoqa_shards)
@@ -99,17 +113,20 @@ def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rera
     sampling = {"image_size": size, "fps": fps, "max_frames": max_frames, "aggregator": cfg.model.video.aggregator,
                 **seeking}
     if image_shards:
-        images, captions = load_pool(image_shards, size)
-        ids, atts = tokenize(captions)
+        images, captions, instances, _ = load_captioned_pool(image_shards, size)
+        texts = [c for caps in captions for c in caps]
+        text_item = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+        ids, atts = tokenize(texts)
         result["image_retrieval"] = {
-            **evaluate_retrieval(model, images, ids, atts, rerank_k=rerank_k),
-            "protocol": protocol(sha, image_shards, image_size=size, rerank_k=rerank_k, n_queries=len(captions),
+            **evaluate_retrieval(model, images, ids, atts, rerank_k=rerank_k, text_item=text_item,
+                                 instances=instances),
+            "protocol": protocol(sha, image_shards, image_size=size, rerank_k=rerank_k, n_queries=len(texts),
                                  pool_size=len(images))}
     if region_shards:
-        samples = load_grounding(region_shards, size)
+        samples = load_grounding(region_shards, size, min_regions)
         result["grounding"] = {**evaluate_grounding(model, samples, tokenize, size),
-                               "protocol": protocol(sha, region_shards, image_size=size, iou=0.5, min_shapes=2,
-                                                    n_images=len(samples))}
+                               "protocol": protocol(sha, region_shards, image_size=size, iou=0.5,
+                                                    min_shapes=min_regions, n_images=len(samples))}
     if video_shards:
         videos, mask, captions = load_video_pool(video_shards, size, fps, max_frames, **seeking)
         ids, atts = tokenize(captions)
