@@ -40,7 +40,9 @@ def test_ds_config_fills_auto_and_refuses_disagreement(tmp_path):
     ds = build_ds_config(cfg, world_size=2)
     assert ds["train_micro_batch_size_per_gpu"] == sum(s.batch_size for s in cfg.data.sources)
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
-    assert ds["zero_optimization"]["stage"] == 2 and not ds["bf16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 2 and not ds["bf16"]["enabled"] and "data_types" not in ds
+    bf16 = build_ds_config(load_config("tiny", ["train.precision=bf16"]), world_size=2)
+    assert bf16["bf16"]["enabled"] and bf16["data_types"]["buffer_dtype"] == "bf16"  # buffers follow the weights
     bad = tmp_path / "bad.json"
     bad.write_text('{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 4}')
     with pytest.raises(ConfigError, match="gradient_accumulation_steps is 4 .* train.grad_accum gives 2"):
