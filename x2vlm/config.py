@@ -428,13 +428,6 @@ def update(cfg, values: dict):
     return validate(new)
 
 
-def override(cfg, overrides: list[str]):
-    """A configuration with command-line style overrides ("key=value", the value in YAML) applied."""
-    raw = to_dict(cfg)
-    _apply_overrides(raw, overrides)
-    return from_dict(raw)
-
-
 def check_paths(cfg: RunConfig) -> RunConfig:
     """The local files a run starts from must exist (shards are checked by the data layer)."""
     for key, path in (("model.vision.init_checkpoint", cfg.model.vision.init_checkpoint),

@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from x2vlm import launch
-from x2vlm.config import SourceConfig, load_config, override, save_config, update
+from x2vlm.config import SourceConfig, load_config, save_config, update
 
 # Fine-tuning in the demo, per task: (kind of the data source, settings). Clips are sampled as in pre-training.
 # Retrieval trains the whole model; QA keeps the vision encoder as pre-trained (a frozen encoder computes no
@@ -194,7 +194,6 @@ def run_demo(out: str = "runs/demo", ranks: int = 2, overrides: list[str] | None
     cfg = update(base, {**{f"data.sources.{i}.shards": shards[s.kind] for i, s in enumerate(base.data.sources)},
                         "model.text.tokenizer": str(outp / "tokenizer"), "train.out_dir": str(outp / "run"),
                         "train.seed": seed})
-    cfg = override(cfg, overrides or [])  # the user's settings win over the demo's
     save_config(cfg, outp / "config.yaml")
     _say(f"data ready in {time.time() - start:.0f}s; pre-training {cfg.train.steps} steps")
     launch.wait(start_jobs([("pretrain", ["pretrain", "--config", outp / "config.yaml"], ranks)], outp))
