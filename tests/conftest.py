@@ -33,6 +33,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def x2vlm_logger_as_found():
+    """A test that runs a command in-process lets the command set up its console logging; the next test finds the
+    "x2vlm" logger as it was (propagating to the root logger, where pytest's log capture listens)."""
+    import logging
+    log = logging.getLogger("x2vlm")
+    before = (list(log.handlers), log.level, log.propagate)
+    yield
+    log.handlers[:], log.level, log.propagate = before
+
+
+@pytest.fixture(autouse=True)
 def one_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
