@@ -44,9 +44,15 @@ def find_runs(folder: Path) -> list:
     """The run folders (with a metrics.jsonl) at `folder` or up to two levels below it."""
     if (folder / METRICS).exists():
         return [folder]
-    found = sorted({p.parent for p in [*folder.glob(f"*/{METRICS}"), *folder.glob(f"*/*/{METRICS}")]
-                    if REPORT not in p.parts})
-    return found
+    found = {p.parent for p in [*folder.glob(f"*/{METRICS}"), *folder.glob(f"*/*/{METRICS}")]
+             if REPORT not in p.parts}
+    return sorted(found, key=started)
+
+
+def started(run: Path) -> tuple:
+    """When a run started (its config.yaml is written first), for listing runs in the order they ran."""
+    config = run / "config.yaml"
+    return (config.stat().st_mtime if config.exists() else float("inf"), str(run))
 
 
 # --- figures -------------------------------------------------------------------------------------------------------
@@ -230,8 +236,11 @@ def run_section(page: Page, run: Path, name: str, index: int) -> dict | None:
         page.add("<p>No step logged yet.</p>")
         return None
     last = records[-1]
+    took = [e["seconds"] for e in evals if isinstance(e.get("seconds"), (int, float))]
     page.add(f"<p>{len(records)} logged steps, the last at step {last['step']}"
-             + (f"; {len(evals)} held-out evaluations" if evals else "") + ".</p>")
+             + (f"; {len(evals)} held-out evaluations" if evals else "")
+             + (f" of {sum(took) / len(took):.1f} s on average (left out of the step times)" if took else "")
+             + ".</p>")
     rows = [[esc(label), fmt(last[key])] for key, label in SUMMARY if key in last]
     page.add(table(["at the last logged step", ""], rows))
     stages = stage_starts(records)

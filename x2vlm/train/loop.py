@@ -226,7 +226,7 @@ class Trainer:
         t0 = time.perf_counter()
         record = self.evaluator.run(self.engine.module, step)
         if self.metrics and record:
-            self.metrics.log_eval(step, record)
+            self.metrics.log_eval(step, {**record, "seconds": round(time.perf_counter() - t0, 2)})
         self.stats.exclude(time.perf_counter() - t0)
 
 
