@@ -28,13 +28,13 @@ from x2vlm.report import write_report
 # the fusion encoder learn to read).
 FINETUNES = {
     "video_retrieval": ("video", {"train.steps": 40, "train.warmup_steps": 10, "train.lr": 2.0e-4,
-                                  "train.eval_every": 10}),
+                                  "train.eval_every": 20}),
     "video_qa": ("video_qa", {"train.steps": 250, "train.warmup_steps": 15, "train.lr": 1.5e-3,
                               "model.vision.frozen": True, "train.eval_every": 50}),
 }
 # Held-out evaluation while training, on the first images or clips of the held-out (test) splits: small enough to
 # be cheap. Pre-training evaluates every EVAL_EVERY steps; the fine-tunes as FINETUNES says.
-EVAL_EVERY = 50
+EVAL_EVERY = 100
 EVAL_LIMIT = {"pretrain": 100, "video_retrieval": 100, "video_qa": 40}
 FINETUNE_BATCH = 16
 AGGREGATORS = ("mean", "attention")  # QA is fine-tuned once with each; mean's run is the shorter
