@@ -51,8 +51,7 @@ def make_work(torch, spec: dict):
     """The inputs and a closure running forward + backward once, for one measurement `spec`."""
     device = spec["device"]
     if spec["op"] == "contrastive":
-        from x2vlm.ops import itc_loss
-        from x2vlm.ops import contrastive_loss
+        from x2vlm.ops import contrastive_loss, itc_loss
 
         img = unit_rows(torch, spec["batch"], spec["dim"], device, 0)
         txt = unit_rows(torch, spec["batch"], spec["dim"], device, 1)

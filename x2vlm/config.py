@@ -269,9 +269,6 @@ class TrainConfig:
         positive(self, "steps", "lr", "grad_accum", "save_every", "log_every", "max_bad_steps")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every: expected a number >= 0, got {self.eval_every}")
-        if self.eval_every and not self.eval.shard_sets():
-            raise ConfigError("eval_every: evaluation needs held-out shards in train.eval (images, regions, videos "
-                              "or videoqa)")
         if len(self.betas) != 2:
             raise ConfigError(f"betas: expected two numbers, got {self.betas!r}")
         names = [st.name for st in self.stages]
@@ -466,13 +463,6 @@ def update(cfg, values: dict):
         else:
             setattr(node, last, _coerce(value, _field_type(node, last, key), key, (type(node), last) in PATTERN_FIELDS))
     return validate(new)
-
-
-def override(cfg, overrides: list[str]):
-    """A configuration with command-line style overrides ("key=value", the value in YAML) applied."""
-    raw = to_dict(cfg)
-    _apply_overrides(raw, overrides)
-    return from_dict(raw)
 
 
 def check_paths(cfg: RunConfig) -> RunConfig:

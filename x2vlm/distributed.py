@@ -8,6 +8,8 @@ collectives (a test checks).
 """
 from __future__ import annotations
 
+import atexit
+import glob
 import os
 import socket
 import time
@@ -75,12 +77,58 @@ def check_build_locks() -> None:
                              f"would wait for it forever. Delete it: rm {paths}")
 
 
+SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"  # DeepSpeed's CPU all-reduce buffers, one per rank
+
+
+def _mapped() -> set:
+    """Paths of the files that some live process has mapped into memory (Linux /proc)."""
+    found = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            found.update(fields[5].strip() for line in maps.read_text().splitlines()
+                         if len(fields := line.split(maxsplit=5)) == 6)
+        except OSError:
+            continue
+    return found
+
+
+def release_shm_buffers(older_than_s: float = STALE_LOCK_AFTER_S, pattern: str = SHM_BUFFERS) -> list:
+    """Delete DeepSpeed's shared-memory all-reduce buffers (about 70 MB of RAM each) that no live process maps:
+    the CPU communication op creates one per rank and launch and never removes it, so every launch, and every
+    killed one, would leave its buffers in /dev/shm until the machine runs out of memory. Returns the paths."""
+    if not Path("/proc/self/maps").exists():
+        return []
+    candidates = [Path(p) for p in glob.glob(pattern)]
+    candidates = [p for p in candidates if time.time() - p.stat().st_mtime > older_than_s]
+    if not candidates:
+        return []
+    mapped = _mapped()
+    gone = []
+    for p in candidates:
+        if str(p) not in mapped:
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
+def _release_own_shm_buffers() -> None:
+    """At exit: this rank's buffers of this launch (the files go once every rank that maps them has exited)."""
+    env = os.environ
+    tail = f"_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{env.get('RANK', '0')}"
+    for p in glob.glob(SHM_BUFFERS):
+        if p.endswith(tail):
+            Path(p).unlink(missing_ok=True)
+
+
 def init() -> None:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPUs) and pick this rank's GPU.
-    Refuses to start (StaleBuildLock) when a killed compilation left a build lock behind."""
+    Refuses to start (StaleBuildLock) when a killed compilation left a build lock behind; removes the shared
+    memory that earlier launches' ranks left behind, and this rank's when it exits."""
     import deepspeed
 
     check_build_locks()
+    release_shm_buffers()
+    atexit.register(_release_own_shm_buffers)
     fill_single_process_env()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

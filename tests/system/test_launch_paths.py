@@ -68,9 +68,12 @@ def run(tmp_path_factory):
     save_config(cfg, out / "config.yaml")
     (out / "recorder.py").write_text(RECORDER)
 
+    ports = []
+
     def torchrun(records: str, *args):
+        ports.append(free_port())
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(out / "recorder.py"), str(out / records), *args]
+               str(ports[-1]), str(out / "recorder.py"), str(out / records), *args]
         p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled"),
                            capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -78,21 +81,25 @@ def run(tmp_path_factory):
 
     first = torchrun("first", "pretrain", "--config", str(out / "config.yaml"))
     resumed = torchrun("resumed", "pretrain", "--config", str(out / "config.yaml"), "--resume", "step2")
-    return out, first, resumed
+    return out, first, resumed, ports
 
 
 def test_torchrun_trains_and_resumes(run):
-    out, first, resumed = run
+    import glob
+
+    out, first, resumed, ports = run
     assert "2 rank(s)" in first and "steps 0..4" in first
     assert "resumed from step2" in resumed and "steps 2..4" in resumed
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4]  # the resumed run logged its steps again
     for a, b in ((rows[2], rows[4]), (rows[3], rows[5])):  # exact resume: the same losses, term by term
         assert {k: v for k, v in a.items() if "/" in k} == {k: v for k, v in b.items() if "/" in k}
+    # the ranks' shared-memory communication buffers went with them
+    assert not [p for port in ports for p in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")]
 
 
 def test_every_collective_of_x2vlm_goes_through_its_module_on_the_chosen_device(run):
-    out, _, _ = run
+    out, _, _, _ = run
     for records in ("first", "resumed"):
         for rank in (0, 1):
             data = json.loads((out / records / f"rank{rank}.json").read_text())

@@ -112,9 +112,9 @@ def test_kill_9_then_resume_is_bitwise_exact(setup, whole, launch, start_launch,
     log = launch(out / "config.yaml", *over, "--resume", "latest")
     resumed_at = int(re.search(r"steps (\d+)\.\.8", log).group(1))
     assert 2 <= resumed_at < STEPS and f"ZeRO-{stage}" in log
-    whole, killed = final_weights(whole(stage)), final_weights(run_dir)
-    assert set(whole) == set(killed)
-    differ = [k for k in whole if not torch.equal(whole[k], killed[k])]
+    uninterrupted, killed = final_weights(whole(stage)), final_weights(run_dir)
+    assert set(uninterrupted) == set(killed)
+    differ = [k for k in uninterrupted if not torch.equal(uninterrupted[k], killed[k])]
     assert not differ, f"killed after steps {kills}: {len(differ)} tensors differ, e.g. {differ[:3]}"
     used_whole, used_killed = samples(whole(stage)), samples(run_dir)
     assert used_killed == used_whole

@@ -72,3 +72,19 @@ def test_a_stale_build_lock_is_found_and_named(tmp_path, monkeypatch):
         distributed.check_build_locks()
     stale.unlink()
     distributed.check_build_locks()
+
+
+def test_shared_memory_that_no_process_maps_is_released(tmp_path):
+    import mmap
+
+    old = time.time() - 600
+    paths = [tmp_path / f"deepspeed_allreduce_buffer_0_127.0.0.1_1234_{r}" for r in range(3)]
+    for p in paths:
+        p.write_bytes(bytes(4096))
+    for p in paths[:2]:
+        os.utime(p, (old, old))
+    with open(paths[0], "r+b") as f, mmap.mmap(f.fileno(), 4096) as mapped:  # a live rank maps its buffer
+        gone = distributed.release_shm_buffers(pattern=str(tmp_path / "deepspeed_allreduce_buffer_*"))
+        assert mapped[:1] == b"\x00"
+    assert gone == [paths[1]] and paths[0].exists() and not paths[1].exists()
+    assert paths[2].exists()  # young: perhaps a rank that is just starting

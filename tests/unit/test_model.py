@@ -342,3 +342,14 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients_with_less_ke
     assert all(torch.allclose(grads_a[n], grads_b[n], rtol=0, atol=1e-6) for n in grads_a)
     assert any(g.abs().sum() > 0 for n, g in grads_b.items() if n.startswith(("vision.", "text.", "fusion.")))
     assert kept_b < 0.6 * kept_a, (kept_a, kept_b)
+
+
+def test_text_keys_name_the_same_words_alike_on_every_rank():
+    from x2vlm.objectives.pretraining import text_keys
+
+    ids = torch.tensor([[2, 7, 9, 3, 0, 0], [2, 7, 9, 3, 0, 0], [2, 9, 7, 3, 0, 0], [2, 7, 9, 3, 5, 0]])
+    atts = (ids != 0).long()
+    keys = text_keys(ids, atts)
+    assert keys[0] == keys[1] and len(set(keys.tolist())) == 3  # order matters, one more token matters
+    shorter = text_keys(ids[:2, :4], atts[:2, :4])  # the same texts padded to another length
+    assert torch.equal(shorter, keys[:2])

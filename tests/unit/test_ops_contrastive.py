@@ -142,6 +142,38 @@ def test_rows_without_admissible_negative(impl):
     assert not one.neg_image_valid.item() and one.neg_image.item() == 0
 
 
+def check_two_keys(impl, **kw):
+    """exclude_ids [B, 2]: a column is never drawn for a row when either key agrees (the same image, or the same
+    text); rows whose every column shares a key have no negative."""
+    n = 12
+    img, txt = features(n, 8, seed=4)
+    image_key = torch.arange(n) // 3  # 4 images of 3 texts
+    text_key = torch.tensor([0, 1, 2, 0, 3, 4, 5, 6, 7, 8, 9, 1])  # texts 0 and 3, 1 and 11 are the same words
+    img[3] = txt[0]  # text 0's most similar image is image 3, of another image group but the same words
+    keys = torch.stack([image_key, text_key], 1)
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        out = contrastive_loss(img, txt, 0.07, exclude_ids=keys, impl=impl, generator=gen, **kw)
+        for neg, valid in ((out.neg_image, out.neg_image_valid), (out.neg_text, out.neg_text_valid)):
+            assert valid.all()
+            assert not ((image_key[neg] == image_key) | (text_key[neg] == text_key)).any()
+    # With one key alone (the image), texts 0 and 3 could draw each other: the second key is what forbids it.
+    reachable = set()
+    for seed in range(10):
+        out = contrastive_loss(img, txt, 0.07, exclude_ids=image_key, impl=impl,
+                               generator=torch.Generator().manual_seed(seed), **kw)
+        reachable |= {int(out.neg_image[0])}
+    assert 3 in reachable
+    whole = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n)], 1)  # every row shares key 0
+    out = contrastive_loss(img, txt, 0.07, exclude_ids=whole, impl=impl, **kw)
+    assert not out.neg_image_valid.any() and not out.neg_text_valid.any()
+
+
+@pytest.mark.parametrize("impl,tile", [("reference", 4096), ("chunked", 4), ("chunked", 4096)])
+def test_two_exclusion_keys(impl, tile):
+    check_two_keys(impl, tile=tile) if impl != "reference" else check_two_keys(impl)
+
+
 # --- Triton (interpreter) ---------------------------------------------------------------------------------
 @needs_interpreter
 @pytest.mark.parametrize("ids", [None, MULTI_IDS], ids=["own-pair", "multi-positive"])
@@ -160,6 +192,11 @@ def test_triton_sampler_distribution_and_exclusions():
     img, txt = features(5, 8, seed=3)
     out = contrastive_loss(img, txt, 0.07, exclude_ids=torch.zeros(5, dtype=torch.long), impl="triton")
     assert not out.neg_image_valid.any() and (out.neg_text == 0).all()
+
+
+@needs_interpreter
+def test_triton_two_exclusion_keys():
+    check_two_keys("triton")
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETED, reason="triton missing, or already interpreted here")

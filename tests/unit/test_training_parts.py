@@ -40,7 +40,9 @@ def test_ds_config_fills_auto_and_refuses_disagreement(tmp_path):
     ds = build_ds_config(cfg, world_size=2)
     assert ds["train_micro_batch_size_per_gpu"] == sum(s.batch_size for s in cfg.data.sources)
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
-    assert ds["zero_optimization"]["stage"] == 2 and not ds["bf16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 2 and not ds["bf16"]["enabled"] and "data_types" not in ds
+    bf16 = build_ds_config(load_config("tiny", ["train.precision=bf16"]), world_size=2)
+    assert bf16["bf16"]["enabled"] and bf16["data_types"]["buffer_dtype"] == "bf16"  # buffers follow the weights
     bad = tmp_path / "bad.json"
     bad.write_text('{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 4}')
     with pytest.raises(ConfigError, match="gradient_accumulation_steps is 4 .* train.grad_accum gives 2"):
@@ -105,3 +107,25 @@ def test_fp16_dynamic_loss_scaling_builds_scales_and_skips_overflows(monkeypatch
     guard.record(False, 11)
     with pytest.raises(NonFiniteLoss):
         guard.record(False, 12)
+
+
+def test_memory_plan_counts_and_arithmetic():
+    from x2vlm.model import X2VLM
+    from x2vlm.train.plan import GiB, model_state_bytes, parameter_counts, plan
+
+    cfg = load_config("tiny")
+    counts = parameter_counts(cfg, vocab_size=100)  # built on the meta device
+    real = X2VLM(cfg.model, vocab_size=100, pad_id=0)
+    assert counts["total"] == sum(p.numel() for p in real.parameters())
+    assert counts["largest_layer"] == max(sum(p.numel() for p in m.parameters(recurse=False)) for m in real.modules())
+    states = model_state_bytes(10**9, 10**7, gpus=8)
+    assert states["zero1"]["gpu"] == 4 * 10**9 + 16 * 10**9 // 8  # 16-bit weights and gradients whole
+    assert states["zero2"]["gpu"] == 2 * 10**9 + 18 * 10**9 // 8  # DeepSpeed's own estimate
+    assert states["zero3"]["gpu"] < states["zero2"]["gpu"] < states["zero1"]["gpu"]
+    assert states["zero3"]["gpu_offload"] < states["zero3"]["gpu"]
+    acts = {"per_unit": 0.5 * GiB, "intercept": 1.0 * GiB}  # fp32 bytes, as measured on the CPU
+    p = plan(cfg, gpus=8, gpu_memory_gb=40, micro_batch=16, precision="bf16", vocab=100, activations=acts)
+    z2 = p["stages"]["zero2"]
+    usable = 40 * 0.9 - z2["model_states_gb"] - 0.5  # 90% of the GPU; bf16 halves the measured activations
+    assert z2["largest_micro_batch"] == int(usable // 0.25)
+    assert z2["total_gb"] == pytest.approx(z2["model_states_gb"] + 0.5 + 16 * 0.25, abs=1e-3) and z2["fits"]

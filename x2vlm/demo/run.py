@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 
 from x2vlm import launch
-from x2vlm.config import SourceConfig, load_config, override, save_config, update
+from x2vlm.config import SourceConfig, load_config, save_config, update
 from x2vlm.report import write_report
 
 # Fine-tuning in the demo, per task: (kind of the data source, settings). Clips are sampled as in pre-training.
@@ -125,6 +125,17 @@ def held_out(video: SourceConfig | None, limit: int, **shards) -> dict:
     return {**{k: list(v) for k, v in shards.items() if v}, "limit": limit, "examples": 8, **sampling}
 
 
+def pretraining_evaluation(base, overrides: list[str] | None, video: SourceConfig | None, paths: dict) -> dict:
+    """train.eval_every and train.eval of the pre-training run: the demo's held-out sets and cadence, except what
+    the user's overrides set."""
+    given = {o.split("=", 1)[0].strip() for o in overrides or []}
+    evaluation = held_out(video, EVAL_LIMIT["pretrain"], images=paths["heldout"], regions=paths["heldout"],
+                          videos=paths.get("video_retrieval_test"))
+    evaluation = {k: getattr(base.train.eval, k) if f"train.eval.{k}" in given else v for k, v in evaluation.items()}
+    return {"train.eval_every": base.train.eval_every if "train.eval_every" in given else EVAL_EVERY,
+            "train.eval": evaluation}
+
+
 def finetune_job(outp: Path, name: str, task: str, shards: list, video: SourceConfig, settings: dict,
                  test: list) -> tuple:
     """A fine-tuning job: its config (the pre-training run's, with one source of the task's kind that samples clips
@@ -208,12 +219,10 @@ def run_demo(out: str = "runs/demo", ranks: int = 2, overrides: list[str] | None
                          shards_per_source=max(4, 2 * ranks), n_train_clips=n_train_clips if video else 0,
                          n_heldout_clips=n_heldout_clips if video else 0)
     shards = {"image": paths["train"], "region": paths["train"], "video": paths.get("train_video")}
-    evaluation = held_out(video[0] if video else None, EVAL_LIMIT["pretrain"], images=paths["heldout"],
-                          regions=paths["heldout"], videos=paths.get("video_retrieval_test"))
+    evaluation = pretraining_evaluation(base, overrides, video[0] if video else None, paths)
     cfg = update(base, {**{f"data.sources.{i}.shards": shards[s.kind] for i, s in enumerate(base.data.sources)},
                         "model.text.tokenizer": str(outp / "tokenizer"), "train.out_dir": str(outp / "run"),
-                        "train.seed": seed, "train.eval_every": EVAL_EVERY, "train.eval": evaluation})
-    cfg = override(cfg, overrides or [])  # the user's settings win over the demo's
+                        "train.seed": seed, **evaluation})
     save_config(cfg, outp / "config.yaml")
     _say(f"data ready in {time.time() - start:.0f}s; pre-training {cfg.train.steps} steps")
     launch.wait(start_jobs([("pretrain", ["pretrain", "--config", outp / "config.yaml"], ranks)], outp))

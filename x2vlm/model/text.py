@@ -42,6 +42,7 @@ class TextEncoder(nn.Module):
 
     def checkpoint_layers(self) -> None:
         """Activation checkpointing of every layer (non-reentrant: works with ZeRO-3 and frozen inputs)."""
+        self.encoder.config.use_cache = False  # (an encoder keeps no cache; says so to silence a warning)
         enable = getattr(self.encoder, "activation_checkpointing_enable", None)
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})

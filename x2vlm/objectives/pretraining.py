@@ -21,6 +21,12 @@ from x2vlm.ops import contrastive_loss
 ALWAYS_USED = {"vision", "text", "fusion", "vision_proj", "text_proj", "temperature", "itm_head", "mlm_head"}
 
 
+def text_keys(ids: torch.Tensor, atts: torch.Tensor) -> torch.Tensor:
+    """[M] int64: the same number for the same token sequence, on every rank (a fixed-weight hash of the ids)."""
+    weights = torch.randint(1, 2 ** 62, (ids.shape[1],), generator=torch.Generator().manual_seed(20240601))
+    return ((ids * atts).long() * weights.to(ids.device)).sum(1)  # (wraps around in int64: still a hash)
+
+
 class Pretraining:
     def __init__(self, cfg: LossConfig):
         self.cfg = cfg
@@ -34,12 +40,15 @@ class Pretraining:
         cls, vis_mask = model.regions(vis, batch["boxes"], image_idx)  # [M, Dv], [M, 1 + P]
         txt = model.encode_text(ids, atts)  # [M, L, Dt]
 
-        # ITC, and one hard negative per row in each direction drawn in the same pass. Never a negative: texts
-        # of the same image (a phrase still matches its own image's sequences), or of the same instance when
-        # instance ids are given (then they decide alone).
-        exclude = image_idx if instance_ids is None else instance_ids
-        con = contrastive_loss(model.vision_proj(cls), model.text_feat(txt), model.temperature(), instance_ids,
-                               exclude_ids=exclude, impl=self.cfg.itc_impl)
+        # ITC, and one hard negative per row in each direction drawn in the same pass. Pairs whose texts are the
+        # same words are positives of each other (in a batch of short phrases "the red circle" is often the text of
+        # regions of several images), unless instance ids are given (then they decide). Never a negative: the
+        # same image (a phrase still matches its own image's sequences) or instance, nor the same words.
+        keys = text_keys(ids, atts)
+        same = image_idx if instance_ids is None else instance_ids
+        con = contrastive_loss(model.vision_proj(cls), model.text_feat(txt), model.temperature(),
+                               keys if instance_ids is None else instance_ids,
+                               exclude_ids=torch.stack([same, keys], 1), impl=self.cfg.itc_impl)
 
         # ITM: all 3M pairs (positives, text + negative visual, negative text + visual) through the fusion encoder
         # together, each image's keys/values computed once.

@@ -18,7 +18,8 @@ Features may be float32, bfloat16 or float16; logits and sums are float32.
 Hard negatives for ITM are drawn in the same pass, among this rank's own pairs only (columns offset .. offset+B
 of the gathered set): Gumbel-max over a row's logits with excluded columns at -inf, which is an exact draw from
 softmax(logits) restricted to the admissible columns. Column j is excluded for row i when
-exclude_ids[i] == exclude_ids[j]. A row with no admissible column gets valid=False and index 0.
+exclude_ids[i] == exclude_ids[j]; with exclude_ids [B, K], when any of the K keys agree (e.g. the same image, or
+the same text). A row with no admissible column gets valid=False and index 0.
 
 impl: "reference" (itc_loss, the plain definition on the full B x N logits, + a Gumbel-max draw on its local
 logits), "chunked" (PyTorch blocks; CPU and
@@ -101,6 +102,7 @@ class _Sampler:
     """Running Gumbel-max over this rank's own columns, fed one block of logits at a time."""
 
     def __init__(self, rows: int, offset: int, exclude_ids: Tensor, generator: torch.Generator | None):
+        """exclude_ids [B, K]: column j is no negative for row i when any key agrees."""
         self.lo, self.hi = offset, offset + exclude_ids.shape[0]
         self.ex, self.generator = exclude_ids, generator
         self.best = torch.full((rows,), -torch.inf, device=exclude_ids.device)
@@ -119,7 +121,8 @@ class _Sampler:
             noise.copy_(torch.rand(noise.shape, generator=self.generator, device=self.generator.device))
         scores = noise.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()  # Gumbel
         scores += s[:, lo - c0:hi - c0]
-        scores.masked_fill_(self.ex[r0:r1, None] == self.ex[None, lo - self.lo:hi - self.lo], -torch.inf)
+        same = (self.ex[r0:r1, None, :] == self.ex[None, lo - self.lo:hi - self.lo, :]).any(-1)  # [R, C]
+        scores.masked_fill_(same, -torch.inf)
         value, j = scores.max(1)
         better = value > self.best[r0:r1]
         self.best[r0:r1] = torch.where(better, value, self.best[r0:r1])
@@ -233,16 +236,17 @@ def contrastive_loss(image_feat: Tensor, text_feat: Tensor, temp: Tensor | float
                      instance_ids: Tensor | None = None, exclude_ids: Tensor | None = None, impl: str = "auto",
                      tile: int = 4096, generator: torch.Generator | None = None) -> ContrastiveOutput:
     """image_feat, text_feat [B, E] (this rank's pairs, L2-normalised), temp [] or [1] tensor (learnable) or
-    float, instance_ids [B] (default: the global row index), exclude_ids [B] (default: instance_ids, else own
-    pair only). Returns the loss and one hard negative per local row in each direction; see the module
-    docstring."""
+    float, instance_ids [B] (default: the global row index), exclude_ids [B] or [B, K] (default: instance_ids,
+    else own pair only; with K keys a column is excluded when any key agrees). Returns the loss and one hard
+    negative per local row in each direction; see the module docstring."""
     impl = resolve_impl(impl, image_feat, ("reference", "chunked", "triton"), "chunked")
     b, device = image_feat.shape[0], image_feat.device
     if exclude_ids is None:
         exclude_ids = instance_ids if instance_ids is not None else torch.arange(b, device=device)
+    exclude_ids = exclude_ids.reshape(b, -1)  # [B, K]
     if impl == "reference":
         loss, i2t, t2i = itc_loss(image_feat, text_feat, temp, instance_ids)
-        exclude = exclude_ids[:, None] == exclude_ids[None, :]
+        exclude = (exclude_ids[:, None, :] == exclude_ids[None, :, :]).any(-1)  # [B, B]
         neg_image, neg_image_valid = gumbel_max_reference(t2i, exclude, generator)
         neg_text, neg_text_valid = gumbel_max_reference(i2t, exclude, generator)
         return ContrastiveOutput(loss, neg_image, neg_image_valid, neg_text, neg_text_valid)

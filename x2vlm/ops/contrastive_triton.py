@@ -44,12 +44,12 @@ def _logits(q_blk, k_ptr, cols, N, E, inv_temp, BLOCK_E: tl.constexpr, LOWP: tl.
 
 @triton.jit
 def _fwd(q, k, temp, ex_ids, lse_out, best_out, idx_out, B, N, E, offset, seed,
-         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, LOWP: tl.constexpr):
+         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, LOWP: tl.constexpr,
+         KEYS: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
     inv_temp = 1.0 / tl.load(temp)
     q_blk = _load_rows(q, rows, B, E, BLOCK_E, LOWP)
-    rex = tl.load(ex_ids + rows, mask=rmask, other=0)
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     best = tl.full((BLOCK_M,), -float("inf"), tl.float32)
@@ -63,10 +63,13 @@ def _fwd(q, k, temp, ex_ids, lse_out, best_out, idx_out, B, N, E, offset, seed,
         if (c0 + BLOCK_N > offset) & (c0 < offset + B):  # block overlaps this rank's own columns
             local = cols.to(tl.int64) - offset
             lmask = (local >= 0) & (local < B)
-            cex = tl.load(ex_ids + local, mask=lmask, other=0)
             u = tl.rand(seed, rows.to(tl.int64)[:, None] * B + local[None, :])
             noise = -tl.log(-tl.log(tl.maximum(u, 1.1754944e-38)))
-            ok = lmask[None, :] & (rex[:, None] != cex[None, :])
+            ok = lmask[None, :] & rmask[:, None]
+            for key in tl.static_range(KEYS):  # excluded when any key agrees (ex_ids is [B, KEYS] row-major)
+                rex = tl.load(ex_ids + rows.to(tl.int64) * KEYS + key, mask=rmask, other=0)
+                cex = tl.load(ex_ids + local * KEYS + key, mask=lmask, other=0)
+                ok = ok & (rex[:, None] != cex[None, :])
             score = tl.where(ok, s + noise, -float("inf"))
             value = tl.max(score, 1)
             j = tl.argmax(score, 1).to(tl.int64)
@@ -133,7 +136,8 @@ def _config(q: Tensor) -> dict:
 def triton_lse(q: Tensor, k: Tensor, temp: Tensor, exclude_ids: Tensor, offset: int,
                generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
     """q [B, E], k [N, E], temp [] float32 -> (logsumexp_j s_ij [B] float32, negative index [B], valid [B]):
-    the draw is among columns offset .. offset + B, excluding those with exclude_ids equal to the row's."""
+    the draw is among columns offset .. offset + B, excluding those with a key of exclude_ids [B, K] equal to
+    the row's."""
     b, n = q.shape[0], k.shape[0]
     q, k = q.contiguous(), k.contiguous()
     cfg = _config(q)
@@ -142,8 +146,9 @@ def triton_lse(q: Tensor, k: Tensor, temp: Tensor, exclude_ids: Tensor, offset: 
     lse = torch.empty(b, dtype=torch.float32, device=q.device)
     best = torch.empty(b, dtype=torch.float32, device=q.device)
     idx = torch.empty(b, dtype=torch.long, device=q.device)
-    _fwd[(triton.cdiv(b, cfg["BLOCK_M"]),)](q, k, temp, exclude_ids.contiguous(), lse, best, idx,
-                                            b, n, q.shape[1], offset, seed, **cfg)
+    ex = exclude_ids.reshape(b, -1).contiguous()
+    _fwd[(triton.cdiv(b, cfg["BLOCK_M"]),)](q, k, temp, ex, lse, best, idx, b, n, q.shape[1], offset, seed,
+                                            KEYS=ex.shape[1], **cfg)
     valid = best > -torch.inf
     return lse, torch.where(valid, idx, 0), valid
 

@@ -89,6 +89,10 @@ def build_ds_config(cfg: RunConfig, world_size: int, sources: list | None = None
     if prec == "bf16":  # skip steps whose gradient is not finite (fp16 and fp32 do so already)
         ds["bf16"].setdefault("check_grad_overflow", True)
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": prec == "fp16"}
+    if prec in ("bf16", "fp16"):
+        # Floating-point buffers in the weights' precision too: DeepSpeed otherwise keeps them in fp32, and timm's
+        # BEiT concatenates its zero key-bias buffer with the query and value biases into one linear bias.
+        ds.setdefault("data_types", {}).setdefault("buffer_dtype", prec)
     ds["zero_allow_untested_optimizer"] = True
     return ds
 

@@ -56,6 +56,20 @@ def load_run_tokenizer(cfg: RunConfig):
     return load_tokenizer(cfg.model.text.tokenizer)
 
 
+def require_eval_shards(held) -> None:
+    """Evaluation during training has held-out shards, and they exist (ConfigError naming the key otherwise)."""
+    from x2vlm.data.shards import expand_shards
+
+    if not held.shard_sets():
+        raise ConfigError("train.eval_every: evaluation needs held-out shards in train.eval (images, regions, "
+                          "videos or videoqa)")
+    for key, shards in held.shard_sets().items():
+        try:
+            expand_shards(shards)
+        except FileNotFoundError as e:
+            raise ConfigError(f"train.eval.{key}: {e}") from None
+
+
 def stage_handoff(cfg: RunConfig, stage: Stage) -> dict:
     """Where the stage after `stage` takes its weights from: the checkpoint at `stage`'s last step."""
     path = str(checkpoint_dir(cfg) / f"step{stage.end}")
@@ -71,6 +85,8 @@ class Trainer:
         from x2vlm.data.shards import require_shards
 
         require_shards(cfg.data.sources)
+        if cfg.train.eval_every:
+            require_eval_shards(cfg.train.eval)
         distributed.init()
         self.cfg = cfg
         self.rank, self.world = distributed.rank(), distributed.world_size()

@@ -8,8 +8,9 @@
   Adam's moments) / GPUs per parameter.
 - Activations: measured, not modelled. One forward and backward of the configuration's last stage (one batch of
   every source, as a training step holds them) runs on this machine's CPU in a fresh process at two small
-  micro-batches; the growth of the process's peak resident memory between them is the memory per micro-batch
-  unit, and the plan scales it linearly. A micro-batch of N means N images (or clips) from every source of the
+  micro-batches (2 and 4: at 1 the allocator's reuse of small blocks hides part of the growth); the growth of
+  the process's peak resident memory between them is the memory per micro-batch unit, and the plan scales it
+  linearly. A micro-batch of N means N images (or clips) from every source of the
   stage. The measurement is in fp32; bf16 and fp16 hold about half of it (the plan says which it used).
 """
 from __future__ import annotations
@@ -144,7 +145,7 @@ def measure_activation(cfg: RunConfig, micro_batch: int, vocab: int = BERT_VOCAB
     return result
 
 
-def activation_model(cfg: RunConfig, sizes=(1, 2), vocab: int = BERT_VOCAB) -> dict:
+def activation_model(cfg: RunConfig, sizes=(2, 4), vocab: int = BERT_VOCAB) -> dict:
     """Activation bytes = intercept + per_unit * micro-batch, from measurements at two micro-batches."""
     a, b = (measure_activation(cfg, n, vocab)["activation"] for n in sizes)
     per_unit = max(0.0, (b - a) / (sizes[1] - sizes[0]))
