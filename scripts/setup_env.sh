@@ -15,7 +15,7 @@ fi
 # Already installed from this checkout, with everything importable? Then there is nothing to do.
 if "$PY" - "$PWD" "$extras" <<'PY' 2>/dev/null; then
 import os, sys
-import x2vlm, deepspeed, timm, transformers, webdataset, wandb, safetensors  # noqa: F401
+import x2vlm, deepspeed, timm, transformers, webdataset, wandb, safetensors, matplotlib  # noqa: F401
 assert os.path.realpath(os.path.dirname(x2vlm.__file__)) == os.path.realpath(os.path.join(sys.argv[1], "x2vlm"))
 if "test" in sys.argv[2]:
     import pytest  # noqa: F401

@@ -1,5 +1,5 @@
-"""Command line: `x2vlm demo | pretrain | finetune | make-shards | evaluate | import-official | embed` (also
-`python -m x2vlm ...`)."""
+"""Command line: `x2vlm demo | pretrain | finetune | make-shards | evaluate | import-official | embed | report`
+(also `python -m x2vlm ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +98,18 @@ def _demo(args) -> int:
 
     run_demo(out=args.out, ranks=args.ranks, overrides=args.overrides, n_train=args.train_images,
              n_heldout=args.heldout_images, seed=args.seed)
+    return 0
+
+
+def _report(args) -> int:
+    from x2vlm.report import ReportError, write_report
+
+    try:
+        path = write_report(args.run_dir)
+    except ReportError as e:
+        print(f"x2vlm report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
     return 0
 
 
@@ -340,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     b.set_defaults(func=_embed)
+
+    r = sub.add_parser("report", help="a run's dashboard as a static HTML page (RUN_DIR/report/index.html)",
+                       description="Curves of the losses, throughput, FLOPs and MFU, memory and held-out "
+                                   "evaluation of a run (or of every run in a folder, such as the demo's), and the "
+                                   "pictures of its last evaluation, as one HTML page: no wandb needed.")
+    r.add_argument("run_dir", help="a run's output folder (with metrics.jsonl) or a folder of runs")
+    r.set_defaults(func=_report)
     return p
 
 

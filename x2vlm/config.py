@@ -208,6 +208,32 @@ class StageConfig:
         positive(self, "steps")
 
 
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during training (train.eval_every): whichever of these shard sets are given, each
+    evaluated as `x2vlm evaluate` does on its first `limit` images or clips, on the main rank."""
+    images: list[str] = field(default_factory=list)  # image-text shards: retrieval both ways, ITC and ITM re-rank
+    regions: list[str] = field(default_factory=list)  # region shards: grounding (images with min_regions or more)
+    videos: list[str] = field(default_factory=list)  # video-text shards: video retrieval and the direction probe
+    videoqa: list[str] = field(default_factory=list)  # video QA shards (needs model.qa_answers)
+    limit: int = 200  # images (grounding: images; videos and QA: clips) of each evaluation, in shard order
+    rerank_k: int = 16
+    min_regions: int = 2
+    fps: float = 1.0
+    max_frames: int = 8
+    examples: int = 8  # pictures and table rows kept per evaluation (grounding images, retrieval queries, answers)
+
+    def __post_init__(self):
+        positive(self, "limit", "rerank_k", "min_regions", "fps", "max_frames")
+        if self.examples < 0:
+            raise ConfigError(f"examples: expected a number >= 0, got {self.examples}")
+
+    def shard_sets(self) -> dict:
+        """{task: shard patterns} of the evaluations given."""
+        return {k: v for k, v in (("images", self.images), ("regions", self.regions), ("videos", self.videos),
+                                  ("videoqa", self.videoqa)) if v}
+
+
 Precision = Literal["auto", "bf16", "fp16", "fp32"]  # auto = the DeepSpeed file's, where the hardware runs it
 
 
@@ -231,6 +257,8 @@ class TrainConfig:
     max_bad_steps: int = 5  # steps with a non-finite loss or gradient are skipped; this many in a row stop the run
     sample_log: bool = False  # each rank writes the keys of the samples of every step to OUT/samples/rankN.jsonl
     log_every: int = 10
+    eval_every: int = 0  # held-out evaluation every N steps (and before the first and after the last); 0 = never
+    eval: EvalConfig = field(default_factory=EvalConfig)
     wandb_project: str = "x2vlm"
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     # Stages run one after the other; each later stage starts from the previous stage's final weights with a
@@ -239,6 +267,8 @@ class TrainConfig:
 
     def __post_init__(self):
         positive(self, "steps", "lr", "grad_accum", "save_every", "log_every", "max_bad_steps")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every: expected a number >= 0, got {self.eval_every}")
         if len(self.betas) != 2:
             raise ConfigError(f"betas: expected two numbers, got {self.betas!r}")
         names = [st.name for st in self.stages]
@@ -263,6 +293,12 @@ class RunConfig:
             if not st.sources or unknown:
                 raise ConfigError(f"train.stages.{i}.sources: stage {st.name!r} must name sources among {names}, "
                                   f"got {st.sources}")
+        held = self.train.eval
+        if self.train.eval_every and held.videoqa and not self.model.qa_answers:
+            raise ConfigError("train.eval.videoqa: video QA evaluation needs an answer head (model.qa_answers)")
+        if self.train.eval_every and (held.videos or held.videoqa) and held.max_frames > self.model.video.max_frames:
+            raise ConfigError(f"train.eval.max_frames: {held.max_frames} frames per clip, more than "
+                              f"model.video.max_frames {self.model.video.max_frames}")
         for i, s in enumerate(self.data.sources):
             if s.kind in ("video", "video_qa") and s.max_frames > self.model.video.max_frames:
                 raise ConfigError(f"data.sources.{i}.max_frames: source {s.name!r} takes up to {s.max_frames} "
@@ -270,7 +306,8 @@ class RunConfig:
 
 
 # Lists of patterns that users type as they would in a shell (braces, globs, commas, with or without brackets).
-PATTERN_FIELDS = {(SourceConfig, "shards")}
+PATTERN_FIELDS = {(SourceConfig, "shards"),
+                  *((EvalConfig, name) for name in ("images", "regions", "videos", "videoqa"))}
 
 
 # --- building from plain data -------------------------------------------------------------------------------

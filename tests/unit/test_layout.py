@@ -19,7 +19,7 @@ LAYERS = [
     ("x2vlm.pretrained", "x2vlm.official"),
     ("x2vlm.eval", "x2vlm.inference"),  # inference ranks with the evaluation's own code
     ("x2vlm.train",),
-    ("x2vlm.cli", "x2vlm.demo", "x2vlm.launch", "x2vlm.__main__"),
+    ("x2vlm.cli", "x2vlm.demo", "x2vlm.launch", "x2vlm.report", "x2vlm.__main__"),  # report: reads what runs write
 ]
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
                "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all",

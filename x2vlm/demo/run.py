@@ -2,11 +2,13 @@
 
 Generates ShapesWorld images and clips, trains a WordPiece tokenizer on their texts, writes WebDataset shards,
 pre-trains the tiny preset with 2 ranks under the deepspeed launcher (ZeRO-2; bf16 where the hardware supports
-it) and evaluates retrieval and grounding on held-out images (and zero-shot video retrieval on held-out clips when
-the preset has a video stage). With a video stage it also writes the clips in the published video-text formats
-(MSRVTT retrieval, MSRVTT-QA), converts them with the `make-shards` converters, fine-tunes the pre-trained
-checkpoint with `x2vlm finetune` for video retrieval and, once per temporal aggregator, for video QA, and
-evaluates those. Everything goes to `OUT/results.json` and a summary table.
+it), evaluating a small held-out subset as it trains, and evaluates retrieval and grounding on held-out images
+(and zero-shot video retrieval on held-out clips when the preset has a video stage). With a video stage it also
+writes the clips in the published video-text formats (MSRVTT retrieval, MSRVTT-QA), converts them with the
+`make-shards` converters, fine-tunes the pre-trained checkpoint with `x2vlm finetune` for video retrieval and,
+once per temporal aggregator, for video QA (each evaluated on part of its test split as it trains), and evaluates
+those. Everything goes to `OUT/results.json` and a summary table; `OUT/report/index.html` shows every run's
+curves and pictures (`x2vlm report`).
 """
 from __future__ import annotations
 
@@ -18,16 +20,22 @@ from pathlib import Path
 
 from x2vlm import launch
 from x2vlm.config import SourceConfig, load_config, save_config, update
+from x2vlm.report import write_report
 
 # Fine-tuning in the demo, per task: (kind of the data source, settings). Clips are sampled as in pre-training.
 # Retrieval trains the whole model; QA keeps the vision encoder as pre-trained (a frozen encoder computes no
 # gradient, so a QA step costs less than half as much, and its frame features are what the temporal aggregator and
 # the fusion encoder learn to read).
 FINETUNES = {
-    "video_retrieval": ("video", {"train.steps": 40, "train.warmup_steps": 10, "train.lr": 2.0e-4}),
+    "video_retrieval": ("video", {"train.steps": 40, "train.warmup_steps": 10, "train.lr": 2.0e-4,
+                                  "train.eval_every": 20}),
     "video_qa": ("video_qa", {"train.steps": 250, "train.warmup_steps": 15, "train.lr": 1.5e-3,
-                              "model.vision.frozen": True}),
+                              "model.vision.frozen": True, "train.eval_every": 50}),
 }
+# Held-out evaluation while training, on the first images or clips of the held-out (test) splits: small enough to
+# be cheap. Pre-training evaluates every EVAL_EVERY steps; the fine-tunes as FINETUNES says.
+EVAL_EVERY = 100
+EVAL_LIMIT = {"pretrain": 100, "video_retrieval": 100, "video_qa": 40}
 FINETUNE_BATCH = 16
 AGGREGATORS = ("mean", "attention")  # QA is fine-tuned once with each; mean's run is the shorter
 
@@ -110,16 +118,36 @@ def start_jobs(jobs: list, log_dir: Path) -> list:
     return running
 
 
-def finetune_job(outp: Path, name: str, task: str, shards: list, video: SourceConfig, settings: dict) -> tuple:
+def held_out(video: SourceConfig | None, limit: int, **shards) -> dict:
+    """train.eval for the held-out shards given (images=, regions=, videos=, videoqa=), each cut to its first
+    `limit` images or clips; clips sampled as the `video` source samples them."""
+    sampling = {"fps": video.fps, "max_frames": video.max_frames} if video else {}
+    return {**{k: list(v) for k, v in shards.items() if v}, "limit": limit, "examples": 8, **sampling}
+
+
+def pretraining_evaluation(base, overrides: list[str] | None, video: SourceConfig | None, paths: dict) -> dict:
+    """train.eval_every and train.eval of the pre-training run: the demo's held-out sets and cadence, except what
+    the user's overrides set."""
+    given = {o.split("=", 1)[0].strip() for o in overrides or []}
+    evaluation = held_out(video, EVAL_LIMIT["pretrain"], images=paths["heldout"], regions=paths["heldout"],
+                          videos=paths.get("video_retrieval_test"))
+    evaluation = {k: getattr(base.train.eval, k) if f"train.eval.{k}" in given else v for k, v in evaluation.items()}
+    return {"train.eval_every": base.train.eval_every if "train.eval_every" in given else EVAL_EVERY,
+            "train.eval": evaluation}
+
+
+def finetune_job(outp: Path, name: str, task: str, shards: list, video: SourceConfig, settings: dict,
+                 test: list) -> tuple:
     """A fine-tuning job: its config (the pre-training run's, with one source of the task's kind that samples clips
-    as the pre-training `video` source does, and the demo's fine-tuning settings) is written to OUT/NAME.yaml; it
-    starts from the pre-trained run."""
+    as the pre-training `video` source does, the demo's fine-tuning settings, and evaluation on the first clips of
+    the `test` shards as it trains) is written to OUT/NAME.yaml; it starts from the pre-trained run."""
     kind, task_settings = FINETUNES[task]
     source = SourceConfig(name=name, kind=kind, shards=list(shards), batch_size=FINETUNE_BATCH, fps=video.fps,
                           max_frames=video.max_frames, min_frames=video.min_frames)
     cfg = load_config(str(outp / "config.yaml"))
+    evaluation = held_out(video, EVAL_LIMIT[task], **{"videos" if task == "video_retrieval" else "videoqa": test})
     cfg = update(cfg, {"train.stages": [], "data.sources": [source], "train.out_dir": str(outp / name),
-                       **task_settings, **settings})
+                       "train.eval": evaluation, **task_settings, **settings})
     cfg = update(cfg, {"train.save_every": cfg.train.steps})
     save_config(cfg, outp / f"{name}.yaml")
     return name, ["finetune", "--task", task, "--config", outp / f"{name}.yaml", "--checkpoint", outp / "run"], 1
@@ -191,9 +219,10 @@ def run_demo(out: str = "runs/demo", ranks: int = 2, overrides: list[str] | None
                          shards_per_source=max(4, 2 * ranks), n_train_clips=n_train_clips if video else 0,
                          n_heldout_clips=n_heldout_clips if video else 0)
     shards = {"image": paths["train"], "region": paths["train"], "video": paths.get("train_video")}
+    evaluation = pretraining_evaluation(base, overrides, video[0] if video else None, paths)
     cfg = update(base, {**{f"data.sources.{i}.shards": shards[s.kind] for i, s in enumerate(base.data.sources)},
                         "model.text.tokenizer": str(outp / "tokenizer"), "train.out_dir": str(outp / "run"),
-                        "train.seed": seed})
+                        "train.seed": seed, **evaluation})
     save_config(cfg, outp / "config.yaml")
     _say(f"data ready in {time.time() - start:.0f}s; pre-training {cfg.train.steps} steps")
     launch.wait(start_jobs([("pretrain", ["pretrain", "--config", outp / "config.yaml"], ranks)], outp))
@@ -203,9 +232,10 @@ def run_demo(out: str = "runs/demo", ranks: int = 2, overrides: list[str] | None
         _say("fine-tuning for video retrieval and video QA")
         finetunes = start_jobs([
             finetune_job(outp, "finetune_video_retrieval", "video_retrieval", paths["video_retrieval_train"],
-                         video[0], {}),
+                         video[0], {}, paths["video_retrieval_test"]),
             *(finetune_job(outp, f"finetune_video_qa_{a}", "video_qa", paths["video_qa_train"], video[0],
-                           {"model.qa_answers": paths["answers"], "model.video.aggregator": a})
+                           {"model.qa_answers": paths["answers"], "model.video.aggregator": a},
+                           paths["video_qa_test"])
               for a in AGGREGATORS)], outp)
     _say("evaluating the pre-trained model on held-out data")
     results = evaluate_checkpoint(str(outp / "run"), image_shards=paths["heldout"], region_shards=paths["heldout"],
@@ -227,4 +257,5 @@ def run_demo(out: str = "runs/demo", ranks: int = 2, overrides: list[str] | None
     (outp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(summary_table(results), flush=True)
     _say(f"results in {outp / 'results.json'} ({results['wall_seconds']:.0f}s in all)")
+    _say(f"report: {write_report(outp)} (curves of every run, held-out pictures; `x2vlm report {outp}` again)")
     return results

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from x2vlm.eval.ranking import recall, rerank_scores
+from x2vlm.eval.ranking import model_device, recall, rerank_scores
+from x2vlm.logs import progress
 
 
 def positive_ranks(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """0-based rank of each query's best-scored positive item (`positive` [Q, N] bool, at least one per row): how
     many items score strictly higher (ties count in its favour)."""
+    positive = positive.to(scores.device)
     best = scores.float().masked_fill(~positive, float("-inf")).max(1, keepdim=True).values
     return (scores.float() > best).sum(1)
 
@@ -24,14 +26,17 @@ def encode_pool(model, encode_visual, n_visual: int, ids: torch.Tensor, atts: to
     """Visual tokens, visual features, text tokens and text features of a pool, in batches;
     `encode_visual(i, j)` gives the vision tokens of visual items i..j-1."""
     vis, img_f, txt, txt_f = [], [], [], []
-    for i in range(0, n_visual, batch):
-        v = encode_visual(i, min(i + batch, n_visual))
-        vis.append(v)
-        img_f.append(model.image_feat(v).float())
-    for i in range(0, len(ids), batch):
-        t = model.encode_text(ids[i:i + batch], atts[i:i + batch])
-        txt.append(t)
-        txt_f.append(model.text_feat(t).float())
+    with progress(total=n_visual + len(ids), desc="encoding the pool", unit=" items") as bar:
+        for i in range(0, n_visual, batch):
+            v = encode_visual(i, min(i + batch, n_visual))
+            vis.append(v)
+            img_f.append(model.image_feat(v).float())
+            bar.update(len(v))
+        for i in range(0, len(ids), batch):
+            t = model.encode_text(ids[i:i + batch], atts[i:i + batch])
+            txt.append(t)
+            txt_f.append(model.text_feat(t).float())
+            bar.update(len(t))
     return torch.cat(vis), torch.cat(img_f), torch.cat(txt), torch.cat(txt_f)
 
 
@@ -50,22 +55,26 @@ def itm_scorer(model, vis, txt, atts, batch: int = 128):
 
 @torch.no_grad()
 def evaluate_retrieval(model, images, ids, atts, rerank_k: int = 16, frame_mask=None, text_item=None,
-                       instances=None) -> dict:
+                       instances=None, examples: int = 0) -> dict:
     """Texts (ids, atts [M, L]) against images [N, 3, H, W] or clips (videos [N, F, 3, H, W] with frame_mask
     [N, F]). Text t describes item text_item[t] (default: text i describes item i); items with equal `instances`
     [N] are one instance (default: each item its own). Returns R@1/5/10 and ranks both ways ("t2i"/"i2t", or
-    "t2v"/"v2t" for clips), from ITC and after ITM re-ranking of the top k."""
+    "t2v"/"v2t" for clips), from ITC and after ITM re-ranking of the top k. With `examples` = n, also the first
+    n text queries with their top 5 items by ITC ("examples": query, top, scores, the items that are right
+    answers, and the 0-based rank of the best right answer by ITC and after the re-rank)."""
     model.eval()
+    device = model_device(model)
+    ids, atts = ids.to(device), atts.to(device)
     n_items = len(images)
     text_item = torch.arange(len(ids)) if text_item is None else torch.as_tensor(text_item)
     instances = torch.arange(n_items) if instances is None else torch.as_tensor(instances)
     positive = instances[text_item][:, None] == instances[None, :]  # [M, N]
     if frame_mask is None:
         names = ("t2i", "i2t")
-        encode = lambda i, j: model.encode_image(images[i:j])  # noqa: E731
+        encode = lambda i, j: model.encode_image(images[i:j].to(device))  # noqa: E731
     else:
         names = ("t2v", "v2t")
-        encode = lambda i, j: model.encode_video(images[i:j], frame_mask[i:j])  # noqa: E731
+        encode = lambda i, j: model.encode_video(images[i:j].to(device), frame_mask[i:j].to(device))  # noqa: E731
     vis, img_f, txt, txt_f = encode_pool(model, encode, len(images), ids, atts)
     sim_t2i = txt_f @ img_f.T
     score = itm_scorer(model, vis, txt, atts)
@@ -81,7 +90,20 @@ def evaluate_retrieval(model, images, ids, atts, rerank_k: int = 16, frame_mask=
     result["pool_size"] = n_items
     if len(ids) != n_items:
         result["n_texts"] = len(ids)
-    reranked = both(rerank_scores(sim_t2i, rerank_k, score),
-                    rerank_scores(sim_t2i.T, rerank_k, lambda i, t: score(t, i)))
+    t2i_itm = rerank_scores(sim_t2i, rerank_k, score)
+    reranked = both(t2i_itm, rerank_scores(sim_t2i.T, rerank_k, lambda i, t: score(t, i)))
     result["itm_rerank"] = {**reranked, "k": rerank_k}
+    if examples:
+        result["examples"] = retrieval_examples(sim_t2i, t2i_itm, positive, examples)
     return result
+
+
+def retrieval_examples(itc: torch.Tensor, itm: torch.Tensor, positive: torch.Tensor, n: int) -> list:
+    """The first n queries of text -> item scores (ITC [Q, N] and re-ranked [Q, N]): their top 5 items by ITC."""
+    q = min(n, itc.shape[0])
+    top = itc[:q].float().topk(min(5, itc.shape[1]), dim=1)
+    ranks = positive_ranks(itc[:q], positive[:q]).tolist()
+    ranks_itm = positive_ranks(itm[:q], positive[:q]).tolist()
+    return [{"query": i, "top": top.indices[i].tolist(), "scores": [round(s, 4) for s in top.values[i].tolist()],
+             "answers": positive[i].nonzero()[:, 0].tolist(), "rank": ranks[i], "rank_itm": ranks_itm[i]}
+            for i in range(q)]

@@ -2,6 +2,7 @@
 direction-of-motion probe, video QA; each result with the protocol that pins its numbers."""
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from x2vlm.eval.grounding import evaluate_grounding
 from x2vlm.eval.retrieval import evaluate_retrieval
 from x2vlm.eval.video import direction_probe
 from x2vlm.eval.videoqa import evaluate_videoqa
+from x2vlm.logs import progress
 from x2vlm.pretrained import find_export, load_pretrained, read_config, weights_sha256
 
 
@@ -34,18 +36,23 @@ def clips(shards, fps: float = 1.0, max_frames: int = 8, min_frames: int = 1, ne
     return iterate_samples(shards, decoder, skipped)
 
 
+def loading(samples, limit: int | None, what: str):
+    """The first `limit` samples (all when None), with a progress bar."""
+    return progress(islice(samples, limit), total=limit, desc=f"reading {what}", unit=" samples")
+
+
 def load_pool(shards, image_size: int):
     """Images and captions of image-text shards, one caption per image (its first), in shard order."""
     images, captions, _, _ = load_captioned_pool(shards, image_size)
     return images, [c[0] for c in captions]
 
 
-def load_captioned_pool(shards, image_size: int):
+def load_captioned_pool(shards, image_size: int, limit: int | None = None):
     """(images [N, 3, H, W], [[caption, ...] per image], instances [N], keys) of image-text shards in shard
-    order: every caption of an image (its "captions", else its "caption"); images with equal "image_id" are one
-    instance (an image without one is its own)."""
+    order (the first `limit` images when given): every caption of an image (its "captions", else its
+    "caption"); images with equal "image_id" are one instance (an image without one is its own)."""
     images, captions, instances, keys, ids = [], [], [], [], {}
-    for n, s in enumerate(iterate_samples(shards)):
+    for n, s in enumerate(loading(iterate_samples(shards), limit, "images")):
         img, _ = eval_transform(s["image"], [], image_size)
         images.append(img)
         captions.append(s["json"].get("captions") or [s["json"]["caption"]])
@@ -56,22 +63,27 @@ def load_captioned_pool(shards, image_size: int):
     return torch.stack(images), captions, torch.tensor(instances), keys
 
 
-def load_grounding(shards, image_size: int, min_shapes: int = 2):
-    """(image, [(phrase, box)]) for images with at least `min_shapes` regions (with or without a caption); boxes
-    in output pixels."""
+def load_grounding(shards, image_size: int, min_shapes: int = 2, limit: int | None = None):
+    """(image, [(phrase, box)]) for images with at least `min_shapes` regions (with or without a caption), the
+    first `limit` of them when given; boxes in output pixels."""
     out = []
-    for s in iterate_samples(shards, ImageDecoder(needs_caption=False)):
+    images = iterate_samples(shards, ImageDecoder(needs_caption=False))
+    for s in progress(images, desc="reading grounding images", unit=" samples"):
         regions = s["json"].get("regions") or []
         if len(regions) < min_shapes:
             continue
+        if limit is not None and len(out) >= limit:
+            break
         img, boxes = eval_transform(s["image"], [r["box"] for r in regions], image_size)
         out.append((img, [(r["phrase"], list(map(float, b))) for r, b in zip(regions, boxes)]))
     return out
 
 
-def load_video_pool(shards, image_size: int, fps: float = 1.0, max_frames: int = 8, min_frames: int = 1, **seek):
-    """Clips (padded to the longest, with a frame mask) and captions of video shards, in shard order."""
-    samples = list(clips(shards, fps, max_frames, min_frames, needs="caption", **seek))
+def load_video_pool(shards, image_size: int, fps: float = 1.0, max_frames: int = 8, min_frames: int = 1,
+                    limit: int | None = None, **seek):
+    """Clips (padded to the longest, with a frame mask) and captions of video shards, in shard order (the first
+    `limit` clips when given)."""
+    samples = list(loading(clips(shards, fps, max_frames, min_frames, needs="caption", **seek), limit, "clips"))
     videos, mask = pad_clips([frames_to_tensor(s["frames"], image_size) for s in samples])
     return videos, mask, [s["json"]["caption"] for s in samples]
 

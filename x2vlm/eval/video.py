@@ -13,6 +13,8 @@ import re
 
 import torch
 
+from x2vlm.eval.ranking import model_device
+
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up", "upwards": "downwards",
             "downwards": "upwards"}
 DIRECTION = re.compile(r"\b(" + "|".join(OPPOSITE) + r")\b")
@@ -31,6 +33,7 @@ def direction_accuracy(model, videos: torch.Tensor, frame_mask: torch.Tensor, ca
     """{"forward_acc", "reversed_acc", "mean_acc", "n", "chance"} over the clips whose caption names a
     direction. A reversed clip keeps its padding frames at the end."""
     model.eval()
+    device = model_device(model)
     picked = [(i, swap_direction(c)) for i, c in enumerate(captions)]
     picked = [(i, s) for i, s in picked if s is not None]
     if not picked:
@@ -38,14 +41,14 @@ def direction_accuracy(model, videos: torch.Tensor, frame_mask: torch.Tensor, ca
     idx = torch.tensor([i for i, _ in picked])
     true_ids, true_atts = tokenize([captions[i] for i, _ in picked])
     swap_ids, swap_atts = tokenize([s for _, s in picked])
-    t_true = model.text_feat(model.encode_text(true_ids, true_atts)).float()
-    t_swap = model.text_feat(model.encode_text(swap_ids, swap_atts)).float()
+    t_true = model.text_feat(model.encode_text(true_ids.to(device), true_atts.to(device))).float()
+    t_swap = model.text_feat(model.encode_text(swap_ids.to(device), swap_atts.to(device))).float()
     fwd, rev = [], []
     for s in range(0, len(idx), batch):
         v, m = videos[idx[s:s + batch]], frame_mask[idx[s:s + batch]]
         backwards = torch.stack([torch.cat([c[k].flip(0), c[~k]]) for c, k in zip(v, m)])
         for clips, out in ((v, fwd), (backwards, rev)):
-            out.append(model.image_feat(model.encode_video(clips, m)).float())
+            out.append(model.image_feat(model.encode_video(clips.to(device), m.to(device))).float())
     fwd, rev = torch.cat(fwd), torch.cat(rev)
     forward_acc = float(((fwd * t_true).sum(1) > (fwd * t_swap).sum(1)).float().mean())
     reversed_acc = float(((rev * t_swap).sum(1) > (rev * t_true).sum(1)).float().mean())

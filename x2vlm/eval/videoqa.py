@@ -14,6 +14,8 @@ import torch
 
 from x2vlm.data.pipeline import pad_clips
 from x2vlm.data.transforms import frames_to_tensor
+from x2vlm.eval.ranking import model_device
+from x2vlm.logs import progress
 
 
 def _batches(samples, size: int):
@@ -23,26 +25,34 @@ def _batches(samples, size: int):
 
 
 @torch.no_grad()
-def evaluate_videoqa(model, samples, tokenize, image_size: int, batch: int = 16) -> dict:
+def evaluate_videoqa(model, samples, tokenize, image_size: int, batch: int = 16, examples: int = 0) -> dict:
     """`samples`: decoded clips {"frames", "json": {"qa": [{"question", "label", "type"}]}} (e.g. from
     x2vlm.eval.run.clips), evaluated `batch` clips at a time with all their questions. Returns
     {"acc", "n", "clips", "chance", "majority" (always the most frequent answer), "outside_vocab",
-    "by_type": {type: {"acc", "n", "chance", ...}}}."""
+    "by_type": {type: {"acc", "n", "chance", ...}}}; with `examples` = n also the first n right and the first n
+    wrong answers ("examples": clip index, question, type, label, predicted label, right)."""
     model.eval()
-    rows, clips = [], 0  # (hit, type, label) per question
-    for chunk in _batches(samples, batch):
-        clips += len(chunk)
+    device = model_device(model)
+    rows, clips, shown = [], 0, {True: [], False: []}  # (hit, type, label) per question
+    for chunk in progress(_batches(samples, batch), desc="video QA", unit=" batches"):
         videos, frame_mask = pad_clips([frames_to_tensor(s["frames"], image_size) for s in chunk])
         qa = [(i, q) for i, s in enumerate(chunk) for q in s["json"]["qa"]]
         ids, atts = tokenize([q["question"] for _, q in qa])
-        vis = model.encode_video(videos, frame_mask)  # [B, 1 + P, Dv]
-        pred = model.answer_logits(vis, ids, atts, torch.tensor([i for i, _ in qa])).argmax(-1).tolist()
-        rows += [(q["label"] >= 0 and p == q["label"], q.get("type") or "", q["label"])
-                 for (_, q), p in zip(qa, pred)]
+        vis = model.encode_video(videos.to(device), frame_mask.to(device))  # [B, 1 + P, Dv]
+        index = torch.tensor([i for i, _ in qa], device=device)
+        pred = model.answer_logits(vis, ids.to(device), atts.to(device), index).argmax(-1).tolist()
+        for (i, q), p in zip(qa, pred):
+            hit = q["label"] >= 0 and p == q["label"]
+            rows.append((hit, q.get("type") or "", q["label"]))
+            if len(shown[hit]) < examples:
+                shown[hit].append({"clip": clips + i, "question": q["question"], "type": q.get("type") or "",
+                                   "label": q["label"], "pred": p, "right": hit})
+        clips += len(chunk)
     if not rows:
         return {"n": 0}
-    return {**accuracy(rows), "clips": clips, "by_type": {t: accuracy([r for r in rows if r[1] == t])
-                                                          for t in sorted({r[1] for r in rows}) if t}}
+    out = {**accuracy(rows), "clips": clips, "by_type": {t: accuracy([r for r in rows if r[1] == t])
+                                                         for t in sorted({r[1] for r in rows}) if t}}
+    return {**out, "examples": shown[True] + shown[False]} if examples else out
 
 
 def accuracy(rows: list) -> dict:

@@ -1,11 +1,12 @@
 """The training loop, for pre-training and fine-tuning alike: every step takes one batch from each data source of
-the current stage, runs that source's objective, weights its losses, and steps the DeepSpeed engine. Metrics go
-to the console, a JSONL file and wandb; checkpoints every N steps.
+the current stage, runs that source's objective, weights its losses, and steps the DeepSpeed engine. Metrics
+(reduced over ranks: x2vlm.train.telemetry) go to the console, JSONL files and wandb; held-out evaluation every N
+steps (x2vlm.train.evaluator); checkpoints every N steps.
 
     Trainer(cfg).fit(resume="latest")
 
 Everything that must survive a crash is a part registered with the Checkpointer (x2vlm.train.state); the loop
-itself is a handful of verbs: next batch, step, log, save.
+itself is a handful of verbs: step, log, evaluate, save.
 """
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ from x2vlm.objectives import for_source
 from x2vlm.pretrained import build_model, load_weights, weights_sha256
 from x2vlm.train.checkpoint import Checkpointer, checkpoint_dir, require_shared_dir, step_of
 from x2vlm.train.engine import build_ds_config, build_engine, offloads_optimizer, precision_of
+from x2vlm.train.evaluator import Evaluator
+from x2vlm.train.flops import FlopModel, peak_flops
 from x2vlm.train.metrics import Metrics
 from x2vlm.train.optim import build_optimizer
 from x2vlm.train.rng import RandomState, seed_everything
 from x2vlm.train.stages import Stage, plan_stages, select_stage
 from x2vlm.train.state import DataStreams, SampleLog, SkipMonitor, StepGuard
+from x2vlm.train.telemetry import StepStats
 
 log = logging.getLogger("x2vlm")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -52,6 +56,20 @@ def load_run_tokenizer(cfg: RunConfig):
     return load_tokenizer(cfg.model.text.tokenizer)
 
 
+def require_eval_shards(held) -> None:
+    """Evaluation during training has held-out shards, and they exist (ConfigError naming the key otherwise)."""
+    from x2vlm.data.shards import expand_shards
+
+    if not held.shard_sets():
+        raise ConfigError("train.eval_every: evaluation needs held-out shards in train.eval (images, regions, "
+                          "videos or videoqa)")
+    for key, shards in held.shard_sets().items():
+        try:
+            expand_shards(shards)
+        except FileNotFoundError as e:
+            raise ConfigError(f"train.eval.{key}: {e}") from None
+
+
 def stage_handoff(cfg: RunConfig, stage: Stage) -> dict:
     """Where the stage after `stage` takes its weights from: the checkpoint at `stage`'s last step."""
     path = str(checkpoint_dir(cfg) / f"step{stage.end}")
@@ -67,6 +85,8 @@ class Trainer:
         from x2vlm.data.shards import require_shards
 
         require_shards(cfg.data.sources)
+        if cfg.train.eval_every:
+            require_eval_shards(cfg.train.eval)
         distributed.init()
         self.cfg = cfg
         self.rank, self.world = distributed.rank(), distributed.world_size()
@@ -88,6 +108,8 @@ class Trainer:
             save_config(cfg, out / "config.yaml")
             self.metrics = Metrics(str(out), plan[-1].end, to_dict(cfg), cfg.train.wandb_mode,
                                    cfg.train.wandb_project, start_step=start)
+        self.measure_peak()
+        self.evaluator = Evaluator(cfg, self.tokenizer, self.device, plan[-1].end) if cfg.train.eval_every else None
         last: dict = {}
         for i, st in enumerate(plan):
             if start >= st.end:
@@ -105,11 +127,14 @@ class Trainer:
         """Steps start..stage.end of a stage."""
         self.start_stage(stage, start, handoff, resume)
         last: dict = {}
+        if start == 0:  # a run from scratch: the untrained model's held-out numbers first
+            self.evaluate(0)
         for step in range(start, stage.end):
-            sums = self.train_step(step)
+            self.train_step(step)
             done = step + 1
             if done % self.cfg.train.log_every == 0 or done == stage.end or done == start + 1:
-                last = self.log_step(done, sums)
+                last = self.log_step(done)
+            self.evaluate(done)
             if done % self.cfg.train.save_every == 0 or done == stage.end:
                 self.checkpointer.save(done, self.run_state)
         self.samples.close()
@@ -153,26 +178,38 @@ class Trainer:
                  f"{self.world} rank(s), {self.precision}, ZeRO-{self.engine.zero_optimization_stage()}, steps "
                  f"{start}..{stage.end}, weights {came}")
         self.engine.train()
-        self.window = {"t": time.perf_counter(), "samples": 0, "wait": 0.0, "start": start}
+        flops = FlopModel(cfg.model, model.text.vocab_size, cfg.loss.itc_impl, self.world)
+        self.stats = StepStats(self.sources, flops, self.engine.device, self.peak, start)
 
-    def train_step(self, step: int) -> dict:
-        """One optimiser step (over train.grad_accum micro-batches); returns each source's losses, averaged."""
+    def measure_peak(self) -> None:
+        """The peak FLOP/s of one device that MFU is held against: a table for known GPUs, else the best matrix
+        product rate that any rank measures (all at once, briefly)."""
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        precision = precision_of(build_ds_config(self.cfg, self.world))
+        peak, where = peak_flops(self.device, precision)
+        self.peak = float(distributed.all_reduce(torch.tensor([peak], dtype=torch.float64), "max"))
+        log.info(f"peak {self.peak / 1e12:.3g} TFLOP/s per device ({where}) for MFU")
+        if self.metrics:
+            self.metrics.summary({"peak_tflops": self.peak / 1e12, "peak_source": where})
+
+    def train_step(self, step: int) -> None:
+        """One optimiser step (over train.grad_accum micro-batches). Its losses stay on the device, added up in
+        self.stats until the next log step: no loss is read back here."""
         accum, dtype = self.cfg.train.grad_accum, DTYPES[self.precision]
-        sums: dict[str, float] = {}
         applied, all_finite = False, True
         for _ in range(accum):
             total = 0.0
             for s in self.sources:
                 t0 = time.perf_counter()
                 batch = self.streams.next(s.name)
-                self.window["wait"] += time.perf_counter() - t0
+                self.stats.batch(s.name, batch, time.perf_counter() - t0)
                 self.samples.add(step, s.name, batch["keys"])
                 self.monitor.add(batch)
-                self.window["samples"] += len(batch["keys"])
                 losses = self.engine(to_device(batch, self.engine.device, dtype), self.objectives[s.name])
                 total = total + s.weight * losses["loss"]
-                for k, v in losses.items():
-                    sums[f"{s.name}/{k}"] = sums.get(f"{s.name}/{k}", 0.0) + float(v.detach()) / accum
+                self.stats.losses(s.name, losses)
+            self.stats.total(total)
             finite = self.guard.finite(total)
             all_finite = all_finite and finite
             if finite:
@@ -180,29 +217,33 @@ class Trainer:
             if finite or accum > 1:  # a bad micro-batch adds nothing; the others make the step
                 self.engine.step()  # skips the update itself when the gradient is not finite
                 applied = self.engine.was_step_applied()
-            sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) / accum
         self.guard.record(applied, step, overflow=self.precision == "fp16" and all_finite and not applied)
         self.samples.flush()
-        return sums
 
-    def log_step(self, done: int, sums: dict) -> dict:
-        """Metrics of the steps since the last log (a collective: every rank calls it)."""
+    def log_step(self, done: int) -> dict:
+        """Metrics of the steps since the last log, over all ranks (a collective: every rank calls it)."""
         totals = self.monitor.totals()
         self.monitor.check(totals)
-        now, w = time.perf_counter(), self.window
         grad_norm = self.engine.get_global_grad_norm()
-        values = {**sums, **totals, "stage": self.stage.index, "skipped_steps": self.guard.skipped,
+        values = {**self.stats.reduce(done), **totals, "stage": self.stage.index, "skipped_steps": self.guard.skipped,
                   **({"overflow_steps": self.guard.overflows, "loss_scale": float(self.engine.optimizer.loss_scale)}
                      if self.precision == "fp16" else {}),
                   "lr": self.sched.get_last_lr()[0], "temp": float(self.engine.module.temperature().detach()),
-                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  "samples_per_s": w["samples"] * self.world / max(1e-9, now - w["t"]),
-                  "data_wait_s_per_step": w["wait"] / max(1, done - w["start"]),
-                  "data_wait_frac": w["wait"] / max(1e-9, now - w["t"])}
-        self.window = {"t": now, "samples": 0, "wait": 0.0, "start": done}
+                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
         if self.metrics:
             self.metrics.log(done, values)
         return values
+
+    def evaluate(self, step: int) -> None:
+        """Held-out evaluation at the evaluator's steps (every rank calls it; the main rank evaluates). Its time
+        is left out of the step-time window."""
+        if self.evaluator is None or not self.evaluator.due(step):
+            return
+        t0 = time.perf_counter()
+        record = self.evaluator.run(self.engine.module, step)
+        if self.metrics and record:
+            self.metrics.log_eval(step, {**record, "seconds": round(time.perf_counter() - t0, 2)})
+        self.stats.exclude(time.perf_counter() - t0)
 
 
 def train(cfg: RunConfig, resume: str | None = None, stage: str | None = None, init: str | None = None) -> dict:
