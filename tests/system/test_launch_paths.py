@@ -93,7 +93,8 @@ def test_torchrun_trains_and_resumes(run):
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4]  # the resumed run logged its steps again
     for a, b in ((rows[2], rows[4]), (rows[3], rows[5])):  # exact resume: the same losses, term by term
-        assert {k: v for k, v in a.items() if "/" in k} == {k: v for k, v in b.items() if "/" in k}
+        terms = lambda row: {k: v for k, v in row.items() if k.startswith(("images/", "regions/"))}  # noqa: E731
+        assert terms(a) == terms(b) and len(terms(a)) >= 10
     # the ranks' shared-memory communication buffers went with them
     assert not [p for port in ports for p in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")]
 
