@@ -28,8 +28,7 @@ from x2vlm.boxes import cxcywh_to_xywh
 from x2vlm.data.pipeline import pad_clips
 from x2vlm.data.tokenizer import tokenize
 from x2vlm.data.transforms import eval_transform, frames_to_tensor
-from x2vlm.eval.ranking import rerank_scores
-from x2vlm.eval.retrieval import encode_pool, itm_scorer
+from x2vlm.eval.retrieval import encode_pool, itm_rerank, itm_scorer
 from x2vlm.pretrained import find_export, load_pretrained, read_answers
 
 
@@ -127,7 +126,8 @@ class Model:
         """Texts against images (or against videos: `images` then holds video paths or frame arrays, sampled at
         1 frame per second). Returns {"t2i": scores [T, N], "i2t": scores [N, T], "t2i_order": [T, N] item
         indices best first, "i2t_order"}; scores are ITC similarities or, with rerank = k > 0, each query's top k
-        re-scored by the ITM head's match probability and placed above the rest (as `x2vlm evaluate`)."""
+        re-scored by the ITM head's match log-odds plus the ITC logit and placed above the rest (as `x2vlm
+        evaluate`)."""
         videos = len(images) and _is_video(images[0])
         ids, atts = self.tokens(texts)
         if videos:
@@ -138,9 +138,7 @@ class Model:
         t2i = (txt_f @ img_f.T).cpu()
         i2t = t2i.T
         if rerank:
-            score = itm_scorer(self.model, vis, txt, atts)
-            t2i = rerank_scores(t2i, rerank, lambda t, i: score(t, i).cpu())
-            i2t = rerank_scores(i2t, rerank, lambda i, t: score(t, i).cpu())
+            t2i, i2t = itm_rerank(self.model, t2i, rerank, itm_scorer(self.model, vis, txt, atts))
         return {"t2i": t2i, "i2t": i2t, "t2i_order": t2i.argsort(dim=1, descending=True, stable=True),
                 "i2t_order": i2t.argsort(dim=1, descending=True, stable=True)}
 

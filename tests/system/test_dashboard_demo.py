@@ -15,7 +15,7 @@ def check_demo(out: Path, printed: str) -> None:
     page = out / "report" / "index.html"
     assert f"report: {page}" in printed
     evals = [json.loads(line) for line in (out / "run" / "eval.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [0, 100, 200, 300, 340]
+    assert [e["step"] for e in evals] == [0, 100, 200, 300, 400, 500, 560]
     first, last = evals[0], evals[-1]
     assert last["image_retrieval"]["t2i_r5"] > first["image_retrieval"]["t2i_r5"] + 0.3
     assert last["grounding"]["acc_iou50"] > first["grounding"]["acc_iou50"] + 0.2

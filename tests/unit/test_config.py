@@ -26,7 +26,7 @@ def test_presets_load_and_override():
     (["train.steps=0"], ["train.steps", "positive"]),
     (["data.sources.5.batch_size=1"], ["data.sources.5", "index"]),
     (["train.lr"], ["key=value"]),
-    (["train.steps=100"], ["train.steps", "sum of the stages' steps (340)"]),
+    (["train.steps=100"], ["train.steps", "sum of the stages' steps (560)"]),
     (["train.stages.1.sources=[images, sound]"], ["train.stages.1.sources", "'video'", "sound"]),
     (["model.video.aggregator=max"], ["model.video.aggregator", "mean, attention"]),
     (["data.sources.2.max_frames=16"], ["data.sources.2.max_frames", "model.video.max_frames 8"]),
@@ -56,7 +56,7 @@ def test_configurations_built_in_code_are_checked():
     cfg = load_config("tiny")
     clips = SourceConfig(name="clips", kind="video", shards=["a.tar"], max_frames=4)
     new = update(cfg, {"data.sources": [clips], "train.stages": [], "train.steps": 20})
-    assert new.data.sources == [clips] and new.train.steps == 20 and cfg.train.steps == 340  # a copy
+    assert new.data.sources == [clips] and new.train.steps == 20 and cfg.train.steps == 560  # a copy
     with pytest.raises(ConfigError, match="data.sources.0.kind: expected one of"):
         update(cfg, {"data.sources.0.kind": "audio"})
     with pytest.raises(ConfigError, match="train.stepz: unknown key"):

@@ -66,7 +66,16 @@ def test_rank_orders_by_score_and_reranks_the_top_k(export):
     rr = m.rank(TEXTS, images, rerank=2)
     top2 = r["t2i_order"][:, :2]
     assert torch.equal(rr["t2i_order"][:, :2].sort(1).values, top2.sort(1).values)  # the same two, re-scored
-    assert ((rr["t2i"].gather(1, top2) >= 0) & (rr["t2i"].gather(1, top2) <= 1)).all()  # match probabilities
+    # re-scored: ITM's match log-odds plus ITC's logit (similarity over the temperature)
+    from x2vlm.eval.retrieval import encode_pool, itm_scorer
+    ids, atts = m.tokens(TEXTS)
+    with torch.no_grad():
+        vis, _, txt, _ = encode_pool(m.model, lambda i, j: m.model.encode_image(m.image_tensors(images[i:j])), 5,
+                                     ids, atts)
+        rows = torch.arange(4)[:, None].expand_as(top2)
+        odds = itm_scorer(m.model, vis, txt, atts)(rows.reshape(-1), top2.reshape(-1)).view(4, 2)
+        expected = odds + r["t2i"].gather(1, top2) / float(m.model.temperature())
+    assert torch.allclose(rr["t2i"].gather(1, top2), expected, atol=1e-4)
 
 
 def test_ground_gives_boxes_in_the_image_s_own_pixels(export):

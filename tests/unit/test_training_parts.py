@@ -74,6 +74,30 @@ def test_rerank_reorders_only_the_top_k():
     assert order == [1, 0, 2, 3]
 
 
+def test_itm_rerank_adds_the_itm_log_odds_to_the_itc_logit():
+    from x2vlm.eval.retrieval import itm_rerank
+
+    class Temp(torch.nn.Module):
+        def temperature(self):
+            return torch.tensor(0.5)
+
+    torch.manual_seed(0)
+    sim = torch.rand(6, 5) * 2 - 1  # [texts, images]
+    # an uninformative ITM head keeps ITC's order within the top k
+    flat = lambda t, i: torch.full((len(t),), 3.0)  # noqa: E731
+    t2i, i2t = itm_rerank(Temp(), sim, 3, flat)
+    assert torch.equal(t2i.argsort(1, descending=True)[:, :3], sim.argsort(1, descending=True)[:, :3])
+    assert torch.allclose(t2i.gather(1, sim.topk(3, 1).indices), 3.0 + sim.topk(3, 1).values / 0.5)
+    assert torch.equal(i2t.argsort(1, descending=True)[:, :3], sim.T.argsort(1, descending=True)[:, :3])
+    # a confident one decides; alone, it is X-VLM's order
+    table = torch.randn(6, 5) * 100
+    sure = lambda t, i: table[t, i]  # noqa: E731
+    for with_itc in (True, False):
+        t2i, _ = itm_rerank(Temp(), sim, 3, sure, with_itc=with_itc)
+        top = sim.topk(3, 1).indices
+        assert torch.equal(t2i.argmax(1), top.gather(1, table.gather(1, top).argmax(1, keepdim=True))[:, 0])
+
+
 def test_fp16_dynamic_loss_scaling_builds_scales_and_skips_overflows(monkeypatch):
     """DeepSpeed runs fp16 on GPUs only; its configuration path is checked here: the shipped fp16 file builds a
     dynamic loss scaler, a finite loss is scaled, an overflowing gradient lowers the scale (after the hysteresis),

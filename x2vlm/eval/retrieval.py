@@ -42,15 +42,26 @@ def encode_pool(model, encode_visual, n_visual: int, ids: torch.Tensor, atts: to
 
 @torch.no_grad()
 def itm_scorer(model, vis, txt, atts, batch: int = 128):
-    """rescore(text_idx, image_idx) -> probability that the pair matches, from the ITM head."""
+    """rescore(text_idx, image_idx) -> the ITM head's log-odds that the pair matches (match logit minus no-match
+    logit: the order of X-VLM's match probability, on the scale of a logit)."""
     def rescore(t_idx: torch.Tensor, i_idx: torch.Tensor) -> torch.Tensor:
         out = []
         for s in range(0, len(t_idx), batch):
             t, i = t_idx[s:s + batch], i_idx[s:s + batch]
             logits = model.itm_logits(txt[t], atts[t], vis, index=i)
-            out.append(logits.float().softmax(-1)[:, 1])
+            out.append(logits[:, 1].float() - logits[:, 0].float())
         return torch.cat(out)
     return rescore
+
+
+def itm_rerank(model, sim_t2i: torch.Tensor, k: int, score, with_itc: bool = True):
+    """(t2i, i2t) score matrices with each query's top k by ITC re-scored and placed first. The re-score is the
+    sum of two logits, ITM's match log-odds (`score`, from itm_scorer) and ITC's similarity over the temperature,
+    as BLIP adds its ITM score to the contrastive similarity; with_itc=False: ITM's alone, X-VLM's order."""
+    itc = sim_t2i.float() / float(model.temperature())
+    rescore = (lambda t, i: score(t, i).to(itc.device) + itc[t, i]) if with_itc else (  # noqa: E731
+        lambda t, i: score(t, i).to(itc.device))
+    return rerank_scores(sim_t2i, k, rescore), rerank_scores(sim_t2i.T, k, lambda i, t: rescore(t, i))
 
 
 @torch.no_grad()
@@ -59,7 +70,8 @@ def evaluate_retrieval(model, images, ids, atts, rerank_k: int = 16, frame_mask=
     """Texts (ids, atts [M, L]) against images [N, 3, H, W] or clips (videos [N, F, 3, H, W] with frame_mask
     [N, F]). Text t describes item text_item[t] (default: text i describes item i); items with equal `instances`
     [N] are one instance (default: each item its own). Returns R@1/5/10 and ranks both ways ("t2i"/"i2t", or
-    "t2v"/"v2t" for clips), from ITC and after ITM re-ranking of the top k. With `examples` = n, also the first
+    "t2v"/"v2t" for clips), from ITC and after re-ranking the top k by ITM with ITC (itm_rerank) and by
+    ITM alone (itm_only_rerank). With `examples` = n, also the first
     n text queries with their top 5 items by ITC ("examples": query, top, scores, the items that are right
     answers, and the 0-based rank of the best right answer by ITC and after the re-rank)."""
     model.eval()
@@ -90,9 +102,10 @@ def evaluate_retrieval(model, images, ids, atts, rerank_k: int = 16, frame_mask=
     result["pool_size"] = n_items
     if len(ids) != n_items:
         result["n_texts"] = len(ids)
-    t2i_itm = rerank_scores(sim_t2i, rerank_k, score)
-    reranked = both(t2i_itm, rerank_scores(sim_t2i.T, rerank_k, lambda i, t: score(t, i)))
-    result["itm_rerank"] = {**reranked, "k": rerank_k}
+    t2i_itm, i2t_itm = itm_rerank(model, sim_t2i, rerank_k, score)
+    result["itm_rerank"] = {**both(t2i_itm, i2t_itm), "k": rerank_k, "score": "itm_log_odds+itc_logit"}
+    alone = both(*itm_rerank(model, sim_t2i, rerank_k, score, with_itc=False))
+    result["itm_only_rerank"] = {**alone, "k": rerank_k, "score": "itm_log_odds"}
     if examples:
         result["examples"] = retrieval_examples(sim_t2i, t2i_itm, positive, examples)
     return result
