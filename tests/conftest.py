@@ -63,6 +63,29 @@ def run_triton_interpreted():
     return run
 
 
+@pytest.fixture(scope="session")
+def two_stage_config():
+    """config(out, paths, steps, **values): the tiny model on the demo-style data at `paths` (from prepare_data in
+    `out`), in fp32, images + regions for steps[0] steps, then with video for steps[1]; batches of 4 images, 3
+    region images and 3 clips of up to 3 frames (a 4-frame embedding); `values` override or add settings."""
+    from x2vlm.config import SourceConfig, StageConfig, load_config, update
+
+    def config(out, paths, steps, **values):
+        video_lr = values.pop("video_lr", 0.0)  # 0: train.lr
+        return update(load_config("tiny"), {
+            "data.sources": [SourceConfig(name="images", kind="image", shards=paths["train"], batch_size=4),
+                             SourceConfig(name="regions", kind="region", shards=paths["train"], batch_size=3),
+                             SourceConfig(name="videos", kind="video", shards=paths["train_video"], batch_size=3,
+                                          max_frames=3)],
+            "train.stages": [StageConfig(name="images", steps=steps[0], sources=["images", "regions"]),
+                             StageConfig(name="video", steps=steps[1], sources=["images", "regions", "videos"],
+                                         lr=video_lr)],
+            "train.steps": sum(steps), "train.log_every": 1, "train.precision": "fp32", "data.num_workers": 1,
+            "train.wandb_mode": "disabled", "model.video.max_frames": 4,
+            "model.text.tokenizer": str(out / "tokenizer"), **values})
+    return config
+
+
 def _env(**extra) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", **extra)
 

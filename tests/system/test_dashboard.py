@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from x2vlm.config import SourceConfig, StageConfig, load_config, save_config, update
+from x2vlm.config import SourceConfig, load_config, save_config, update
 from x2vlm.demo.run import prepare_data
 from x2vlm.distributed import free_port
 from x2vlm.launch import command
@@ -49,19 +49,12 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pretrained(data):
+def pretrained(data, two_stage_config):
     """The ZeRO-2 run with evaluation every 2 steps, and the same run without evaluation."""
     out, paths = data
-    cfg = update(load_config("tiny"), {
-        "data.sources": [SourceConfig(name="images", kind="image", shards=paths["train"], batch_size=4),
-                         SourceConfig(name="regions", kind="region", shards=paths["train"], batch_size=3),
-                         SourceConfig(name="videos", kind="video", shards=paths["train_video"], batch_size=3,
-                                      max_frames=3)],
-        "train.stages": [StageConfig(name="images", steps=2, sources=["images", "regions"]),
-                         StageConfig(name="video", steps=2, sources=["images", "regions", "videos"])],
-        "train.steps": STEPS, "train.save_every": STEPS, "train.log_every": 1, "train.precision": "fp32",
-        "train.warmup_steps": 1, "data.num_workers": 1, "model.video.max_frames": 4, "train.wandb_mode": "offline",
-        "model.text.tokenizer": str(out / "tokenizer"), "train.out_dir": str(out / "run"),
+    cfg = two_stage_config(out, paths, (2, 2), **{
+        "train.save_every": STEPS, "train.warmup_steps": 1, "train.wandb_mode": "offline",
+        "train.out_dir": str(out / "run"),
         "train.eval_every": EVERY, "train.eval.images": paths["heldout"], "train.eval.regions": paths["heldout"],
         "train.eval.videos": paths["video_retrieval_test"], "train.eval.max_frames": 3, "train.eval.examples": 3,
         "train.eval.rerank_k": 4})
@@ -217,6 +210,8 @@ REDUCE = textwrap.dedent("""
                 wait_s=0.1 * rank)
     values = stats.reduce(2)
     json.dump(values, open(sys.argv[1] + f"/rank{rank}.json", "w"))
+    dist.barrier()  # neither rank leaves while the other still talks to it
+    dist.destroy_process_group()
 """)
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from x2vlm.config import SourceConfig, StageConfig, load_config, save_config, update
+from x2vlm.config import save_config
 from x2vlm.demo.run import prepare_data
 
 STEPS = 8  # 4 image steps, then 4 video steps; an epoch of a rank's images is 5 batches: the streams wrap
@@ -27,20 +27,12 @@ ZERO = {1: 1, 2: 2, 3: 1}  # ZeRO stage: times a run is killed
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, launch):
+def setup(tmp_path_factory, launch, two_stage_config):
     out = tmp_path_factory.mktemp("resume")
     paths = prepare_data(out, n_train=40, n_heldout=4, seed=7, image_size=64, shards_per_source=4,
                          n_train_clips=16, n_heldout_clips=2)
-    cfg = update(load_config("tiny"), {
-        "data.sources": [SourceConfig(name="images", kind="image", shards=paths["train"], batch_size=4),
-                         SourceConfig(name="regions", kind="region", shards=paths["train"], batch_size=3),
-                         SourceConfig(name="videos", kind="video", shards=paths["train_video"], batch_size=3,
-                                      max_frames=3)],
-        "train.stages": [StageConfig(name="images", steps=4, sources=["images", "regions"]),
-                         StageConfig(name="video", steps=4, sources=["images", "regions", "videos"])],
-        "train.steps": STEPS, "train.save_every": 2, "train.log_every": 1, "train.precision": "fp32",
-        "train.wandb_mode": "disabled", "train.sample_log": True, "train.warmup_steps": 2, "data.num_workers": 1,
-        "model.video.max_frames": 4, "model.text.tokenizer": str(out / "tokenizer")})
+    cfg = two_stage_config(out, paths, (4, 4), **{"train.save_every": 2, "train.sample_log": True,
+                                                   "train.warmup_steps": 2})
     save_config(cfg, out / "config.yaml")
     return out
 

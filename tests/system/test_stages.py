@@ -7,26 +7,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from x2vlm.config import SourceConfig, StageConfig, load_config, save_config, update
+from x2vlm.config import save_config
 from x2vlm.demo.run import prepare_data
 from x2vlm.pretrained import weights_sha256
 
 
 @pytest.fixture(scope="module")
-def staged(tmp_path_factory, launch):
+def staged(tmp_path_factory, launch, two_stage_config):
     out = tmp_path_factory.mktemp("stages")
     paths = prepare_data(out, n_train=160, n_heldout=10, seed=5, image_size=64, shards_per_source=4,
                          n_train_clips=48, n_heldout_clips=4)
-    cfg = update(load_config("tiny"), {
-        "data.sources": [SourceConfig(name="images", kind="image", shards=paths["train"], batch_size=4),
-                         SourceConfig(name="regions", kind="region", shards=paths["train"], batch_size=4),
-                         SourceConfig(name="videos", kind="video", shards=paths["train_video"], batch_size=3,
-                                      max_frames=4)],
-        "train.stages": [StageConfig(name="images", steps=3, sources=["images", "regions"]),
-                         StageConfig(name="video", steps=3, sources=["images", "regions", "videos"], lr=2.0e-4)],
-        "train.steps": 6, "train.save_every": 100, "train.log_every": 1, "train.precision": "fp32",
-        "train.wandb_mode": "disabled", "model.video.aggregator": "attention", "model.video.max_frames": 4,
-        "model.text.tokenizer": str(out / "tokenizer"), "train.out_dir": str(out / "run")})
+    cfg = two_stage_config(out, paths, (3, 3), video_lr=2.0e-4, **{
+        "data.sources.0.batch_size": 4, "data.sources.1.batch_size": 4, "data.sources.2.max_frames": 4,
+        "train.save_every": 100, "model.video.aggregator": "attention", "train.out_dir": str(out / "run")})
     save_config(cfg, out / "config.yaml")
     log = launch(out / "config.yaml")
     return out, log
