@@ -72,3 +72,13 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config("tiny", ["train.stages.0.steps=240", "train.stages.1.steps=7", "train.steps=247"])
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(str(tmp_path / "c.yaml")) == cfg
+
+
+def test_the_readme_demo_override_example_loads():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    example = re.search(r"overrides of the tiny\s+preset, e\.g\. ([^\]]+)\]", readme).group(1).split()
+    cfg = load_config("tiny", example)
+    assert cfg.train.steps == sum(s.steps for s in cfg.train.stages) and len(example) == 2
