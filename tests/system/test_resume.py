@@ -142,7 +142,7 @@ RESHARD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("stage", [1, 2], ids=["zero1", "zero2"])
+@pytest.mark.parametrize("stage", [pytest.param(1, id="zero1", marks=pytest.mark.full), pytest.param(2, id="zero2")])
 def test_resharding_two_ranks_into_one_is_exact(setup, whole, single_process_env, stage):
     """On one rank a ZeRO partition is a whole parameter group: the re-sharded optimiser state must equal the two
     saved partitions laid end to end (padding cut), the step counts and the schedule must be the saved ones."""
