@@ -114,7 +114,8 @@ def main(argv=None) -> dict:
         step_s = sum(v for k, v in median.items() if k.count("/") < 2)
         print(f"{'phase':<40}{'ms':>10}{'share':>8}")
         for k, v in median.items():
-            print(f"{k:<40}{1000 * v:>10.1f}{(v / step_s if k.count('/') < 2 else float('nan')):>8.1%}")
+            share = f"{v / step_s:>8.1%}" if k.count("/") < 2 else ""  # a part of a source's forward: no share
+            print(f"{k:<40}{1000 * v:>10.1f}{share}")
         print(f"{'step':<40}{1000 * step_s:>10.1f}  ({1 / step_s:.2f} steps/s, one process)")
         result = {"config": args.config, "overrides": args.overrides, "sources": [s.name for s in sources],
                   "median_ms": {k: round(1000 * v, 2) for k, v in median.items()},
