@@ -70,10 +70,10 @@ def evaluate_retrieval(model, images, ids, atts, rerank_k: int = 16, frame_mask=
     """Texts (ids, atts [M, L]) against images [N, 3, H, W] or clips (videos [N, F, 3, H, W] with frame_mask
     [N, F]). Text t describes item text_item[t] (default: text i describes item i); items with equal `instances`
     [N] are one instance (default: each item its own). Returns R@1/5/10 and ranks both ways ("t2i"/"i2t", or
-    "t2v"/"v2t" for clips), from ITC and after re-ranking the top k by ITM with ITC (itm_rerank) and by
-    ITM alone (itm_only_rerank). With `examples` = n, also the first
-    n text queries with their top 5 items by ITC ("examples": query, top, scores, the items that are right
-    answers, and the 0-based rank of the best right answer by ITC and after the re-rank)."""
+    "t2v"/"v2t" for clips), from ITC and after re-ranking the top k by ITM with ITC (itm_rerank) and by ITM
+    alone (itm_only_rerank). With `examples` = n, also the first n text queries with their top 5 items by ITC
+    ("examples": query, top, scores, the items that are right answers, and the 0-based rank of the best right
+    answer by ITC and after the re-rank)."""
     model.eval()
     device = model_device(model)
     ids, atts = ids.to(device), atts.to(device)
