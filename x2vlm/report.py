@@ -16,6 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
+from x2vlm.logs import log
 from x2vlm.train.metrics import EVALS, METRICS, evaluation_numbers
 
 REPORT = "report"
@@ -27,16 +28,21 @@ class ReportError(ValueError):
 
 def read_records(path: Path) -> list:
     """The records of a JSONL file in step order, the last one of each step (a resumed run logs the steps after
-    its checkpoint again); lines cut short by a crash are skipped."""
-    by_step = {}
+    its checkpoint again). Lines that are not JSON records (a crash can cut the last one short) are left out and
+    counted in a warning."""
+    by_step, bad = {}, 0
     if path.exists():
         for line in path.read_text().splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
-                continue
+                record = None
             if isinstance(record, dict) and "step" in record:
                 by_step[record["step"]] = record
+            elif line.strip():
+                bad += 1
+    if bad:
+        log.warning(f"{path}: left out {bad} line(s) that are not JSON records with a step")
     return [by_step[s] for s in sorted(by_step)]
 
 

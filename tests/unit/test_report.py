@@ -96,3 +96,11 @@ def test_a_folder_without_a_run_is_refused_in_one_line(tmp_path):
                        timeout=120)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "not a run folder" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_lines_that_are_not_records_are_left_out_and_counted(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "loss": 1.0}\n{"step": 1, "loss": 2.0}\n[1, 2]\n\n{"step": 3, "lo')
+    with caplog.at_level("WARNING", logger="x2vlm"):
+        assert [r["step"] for r in read_records(path)] == [1, 2]
+    assert "left out 2 line(s)" in caplog.text
