@@ -106,7 +106,7 @@ def _report(args) -> int:
 
     try:
         path = write_report(args.run_dir)
-    except ReportError as e:
+    except (ReportError, OSError) as e:  # OSError: a folder the report cannot be written into
         print(f"x2vlm report: error: {e}", file=sys.stderr)
         return 2
     print(f"report: {path}")
