@@ -92,13 +92,14 @@ def _env(**extra) -> dict:
 
 @pytest.fixture(scope="session")
 def launch():
-    """launch(config_path, *extra, ranks=2, command="pretrain") -> the run's output: `x2vlm COMMAND --config ...`
-    under the deepspeed launcher, which must succeed."""
+    """launch(config_path, *extra, ranks=2, command_name="pretrain", env=None) -> the run's output: `x2vlm
+    COMMAND --config ...` under the deepspeed launcher (environment variables `env` added), which must succeed."""
     from x2vlm.launch import command
 
-    def run(config_path, *extra, ranks: int = 2, command_name: str = "pretrain") -> str:
+    def run(config_path, *extra, ranks: int = 2, command_name: str = "pretrain", env: dict | None = None) -> str:
         args = [command_name, "--config", str(config_path), *map(str, extra)]
-        p = subprocess.run(command(args, ranks), env=_env(), capture_output=True, text=True, timeout=600)
+        p = subprocess.run(command(args, ranks), env=_env(**(env or {})), capture_output=True, text=True,
+                           timeout=600)
         assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
         return p.stdout + p.stderr
     return run

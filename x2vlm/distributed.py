@@ -98,15 +98,25 @@ def release_shm_buffers(older_than_s: float = STALE_LOCK_AFTER_S, pattern: str =
     killed one, would leave its buffers in /dev/shm until the machine runs out of memory. Returns the paths."""
     if not Path("/proc/self/maps").exists():
         return []
-    candidates = [Path(p) for p in glob.glob(pattern)]
-    candidates = [p for p in candidates if time.time() - p.stat().st_mtime > older_than_s]
+    candidates = []
+    for p in map(Path, glob.glob(pattern)):
+        try:
+            st = p.stat()
+        except OSError:  # gone meanwhile
+            continue
+        # only this user's: another user's live buffers cannot be told apart here (their /proc maps are private)
+        if st.st_uid == os.getuid() and time.time() - st.st_mtime > older_than_s:
+            candidates.append(p)
     if not candidates:
         return []
     mapped = _mapped()
     gone = []
     for p in candidates:
         if str(p) not in mapped:
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:
+                continue
             gone.append(p)
     return gone
 

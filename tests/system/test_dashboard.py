@@ -21,19 +21,14 @@ from safetensors.torch import load_file
 from x2vlm.config import SourceConfig, load_config, save_config, update
 from x2vlm.demo.run import prepare_data
 from x2vlm.distributed import free_port
-from x2vlm.launch import command
 
 STEPS = 4  # 2 image steps, then 2 with video
 EVERY = 2
 
 
-def run(config: Path, *extra, ranks: int = 2) -> str:
-    """`x2vlm pretrain` under the deepspeed launcher with wandb offline (its files kept in the run's folder)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_DATA_DIR=str(config.parent / "wandb-data"))
-    p = subprocess.run(command(["pretrain", "--config", str(config), *map(str, extra)], ranks), env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    return p.stdout + p.stderr
+def offline(config: Path) -> dict:
+    """Environment for a run with wandb offline, its files kept beside the run's configuration."""
+    return {"WANDB_MODE": "offline", "WANDB_DATA_DIR": str(config.parent / "wandb-data")}
 
 
 def records(path: Path) -> list:
@@ -49,7 +44,7 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pretrained(data, two_stage_config):
+def pretrained(data, two_stage_config, launch):
     """The ZeRO-2 run with evaluation every 2 steps, and the same run without evaluation."""
     out, paths = data
     cfg = two_stage_config(out, paths, (2, 2), **{
@@ -59,8 +54,8 @@ def pretrained(data, two_stage_config):
         "train.eval.videos": paths["video_retrieval_test"], "train.eval.max_frames": 3, "train.eval.examples": 3,
         "train.eval.rerank_k": 4})
     save_config(cfg, out / "config.yaml")
-    log = run(out / "config.yaml")
-    run(out / "config.yaml", f"train.out_dir={out / 'plain'}", "train.eval_every=0", "train.wandb_mode=disabled")
+    log = launch(out / "config.yaml", env=offline(out / "config.yaml"))
+    launch(out / "config.yaml", f"train.out_dir={out / 'plain'}", "train.eval_every=0", "train.wandb_mode=disabled")
     return out, paths, log
 
 
@@ -79,7 +74,8 @@ def test_per_step_numbers_are_reduced_over_ranks(pretrained):
             assert key in r, key
         assert r["loss_max"] >= r["loss"] and r["images/itc_max"] >= r["images/itc"]
         assert 0 < r["mfu_pct"] < r["hfu_pct"] < 300 and 0 <= r["data_load_pct"] <= r["data_load_pct_max"] <= 100
-        assert r["tflops_per_device"] == pytest.approx(r["mfu_pct"] / 100 * r["peak_tflops"])
+    # the two ranks see other batches: the largest rank's loss is above the mean over ranks
+    assert all(r["loss_max"] > r["loss"] for r in rows)
     video = rows[-1]
     assert video["clips_per_s"] > 0 and video["frames_per_s"] >= video["clips_per_s"] and "videos/loss" in video
     assert "clips_per_s" not in rows[0]
@@ -154,7 +150,7 @@ def test_report_writes_a_page_whose_pictures_exist(pretrained):
 
 
 @pytest.fixture(scope="module")
-def videoqa_zero3(data):
+def videoqa_zero3(data, launch):
     """A 2-rank ZeRO-3 run of video QA from scratch, evaluated during training on the QA test split."""
     out, paths = data
     vocab = str(Path(paths["video_qa_train"][0]).parent / "ans2label.json")
@@ -167,7 +163,7 @@ def videoqa_zero3(data):
         "model.text.tokenizer": str(out / "tokenizer"), "train.out_dir": str(out / "qa"), "train.eval_every": 2,
         "train.eval.videoqa": paths["video_qa_test"], "train.eval.max_frames": 3, "train.eval.examples": 2})
     save_config(cfg, out / "qa.yaml")
-    log = run(out / "qa.yaml")
+    log = launch(out / "qa.yaml", env=offline(out / "qa.yaml"))
     return out, paths, log
 
 
@@ -221,8 +217,13 @@ def test_reduction_over_two_ranks(tmp_path):
                               env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=port, OMP_NUM_THREADS="1"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    for p in procs:
-        assert p.wait(timeout=120) == 0, p.stdout.read()[-3000:]
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, out[-3000:]
+    finally:  # a rank that failed leaves the other waiting for it
+        for p in procs:
+            p.kill()
     a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert a == b  # every rank gets the same numbers
     assert a["loss"] == pytest.approx((2 + 6) / 2) and a["loss_max"] == pytest.approx(6)

@@ -16,7 +16,7 @@ from x2vlm.distributed import free_port
 RECORDER = textwrap.dedent("""
     # Runs `x2vlm ARGS` with torch.distributed's collectives wrapped: each call is recorded with the devices of the
     # tensors handed to it and the file that called it; each rank writes its records to RECORDS/rankR.json.
-    import atexit, json, os, sys
+    import atexit, glob, json, os, sys
     import torch
     import torch.distributed as dist
 
@@ -31,12 +31,16 @@ RECORDER = textwrap.dedent("""
             return [t for y in x for t in tensors(y)]
         return []
 
+    shm = set()  # DeepSpeed's shared-memory all-reduce buffers of this launch, seen while the rank ran
+
     def wrap(name, fn):
         def wrapped(*args, **kwargs):
             caller = sys._getframe(1).f_code.co_filename
             devices = sorted({str(t.device) for t in tensors(list(args) + list(kwargs.values()))})
             records.append({"name": name, "caller": caller, "devices": devices})
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            shm.update(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{os.environ['MASTER_PORT']}_*"))
+            return result
         return wrapped
 
     for name in NAMES:
@@ -46,7 +50,7 @@ RECORDER = textwrap.dedent("""
         from x2vlm import distributed
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
-            json.dump({"records": records, "comm_device": str(distributed.comm_device())}, f)
+            json.dump({"records": records, "comm_device": str(distributed.comm_device()), "shm": sorted(shm)}, f)
 
     atexit.register(save)
     from x2vlm.cli import main
@@ -74,7 +78,9 @@ def run(tmp_path_factory):
         ports.append(free_port())
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(ports[-1]), str(out / "recorder.py"), str(out / records), *args]
-        p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled"),
+        # DeepSpeed's CPU all-reduce uses shared-memory buffers only when LOCAL_SIZE (which its own launcher
+        # sets) equals the number of ranks: set here so that their release is tested under torchrun too
+        p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", LOCAL_SIZE="2"),
                            capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         return p.stdout + p.stderr
@@ -95,7 +101,10 @@ def test_torchrun_trains_and_resumes(run):
     for a, b in ((rows[2], rows[4]), (rows[3], rows[5])):  # exact resume: the same losses, term by term
         terms = lambda row: {k: v for k, v in row.items() if k.startswith(("images/", "regions/"))}  # noqa: E731
         assert terms(a) == terms(b) and len(terms(a)) >= 10
-    # the ranks' shared-memory communication buffers went with them
+    # the ranks' shared-memory communication buffers, there while they ran, went with them
+    seen = [json.loads((out / name / f"rank{r}.json").read_text())["shm"] for name in ("first", "resumed")
+            for r in (0, 1)]
+    assert all(seen), seen
     assert not [p for port in ports for p in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")]
 
 
