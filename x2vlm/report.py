@@ -31,8 +31,12 @@ def read_records(path: Path) -> list:
     its checkpoint again). Lines that are not JSON records (a crash can cut the last one short) are left out and
     counted in a warning."""
     by_step, bad = {}, 0
-    if path.exists():
-        for line in path.read_text().splitlines():
+    try:
+        text = path.read_text(errors="replace") if path.exists() else ""  # undecodable bytes: a bad line, counted
+    except OSError as e:
+        raise ReportError(f"{path}: cannot be read ({e.strerror})") from None
+    if text:
+        for line in text.splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
@@ -51,7 +55,7 @@ def find_runs(folder: Path) -> list:
     if (folder / METRICS).exists():
         return [folder]
     found = {p.parent for p in [*folder.glob(f"*/{METRICS}"), *folder.glob(f"*/*/{METRICS}")]
-             if REPORT not in p.parts}
+             if REPORT not in p.relative_to(folder).parts}
     return sorted(found, key=started)
 
 
@@ -267,7 +271,7 @@ def run_section(page: Page, run: Path, name: str, index: int) -> dict | None:
     for task in ("image_retrieval", "video_retrieval"):
         retrieval_section(page, run, task, latest.get(task), prefix)
     qa = latest.get("video_qa")
-    if qa:
+    if qa and "acc" in qa:  # an evaluation without questions has no accuracy
         qa_section(page, run, qa, prefix)
         return {**qa, "run": name}
     return None

@@ -104,3 +104,13 @@ def test_lines_that_are_not_records_are_left_out_and_counted(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="x2vlm"):
         assert [r["step"] for r in read_records(path)] == [1, 2]
     assert "left out 2 line(s)" in caplog.text
+
+
+def test_a_run_below_a_folder_named_report_is_found_and_an_unreadable_log_is_one_error(tmp_path):
+    run = tmp_path / "report" / "runs" / "run"
+    write_run(run)
+    assert write_report(tmp_path / "report" / "runs").exists()
+    bad = tmp_path / "bad"
+    (bad / "metrics.jsonl").mkdir(parents=True)  # a folder where the log should be
+    with pytest.raises(ReportError, match="cannot be read"):
+        write_report(bad)
