@@ -5,7 +5,8 @@
    benchmark shapes and at batch 65,536 for the contrastive loss;
 2. training: a few steps of the base preset (random weights, synthetic data) under the deepspeed launcher with
    NCCL: bf16 with ZeRO-2 and ZeRO-3, fp16 (dynamic loss scaling) with ZeRO-2, on 1 GPU and on 2 when there are;
-   each with logged steps, a checkpoint and a resume from it; samples/s, tokens/s and the other logged numbers.
+   each with logged steps, a checkpoint and a resume from it; samples, images, region texts and clips per second,
+   MFU and the other logged numbers.
 
 Prints a line per check and, as its last line, one JSON object. `--allow-cpu --preset tiny` runs the same
 orchestration on CPU ranks (gloo, no Triton) to check the script itself.
@@ -163,8 +164,8 @@ def training(device: str, preset: str, work: Path, steps: int) -> dict:
                 entry["resumed"] = f"resumed from step{steps // 2}" in again.stdout + again.stderr
                 last = rows[-1]
                 entry.update({k: v for k, v in last.items() if k.endswith("_per_s") or k.startswith("memory/")
-                              or k in ("loss", "tflops_per_device", "mfu", "loss_scale", "overflow_steps",
-                                       "data_load_pct", "step_s")})
+                              or k in ("loss", "tflops_per_device", "mfu_pct", "hfu_pct", "loss_scale",
+                                       "overflow_steps", "data_load_pct", "step_time_s")})
             results[name] = entry
             shown = {k: v for k, v in entry.items() if k != "error"}
             print(f"[gpu-check] {name}: {json.dumps(shown)}" + (f"\n{entry['error']}" if "error" in entry else ""),
