@@ -138,7 +138,7 @@ class Model:
         t2i = (txt_f @ img_f.T).cpu()
         i2t = t2i.T
         if rerank:
-            t2i, i2t = itm_rerank(self.model, t2i, rerank, itm_scorer(self.model, vis, txt, atts))
+            t2i, i2t = itm_rerank(self.model, t2i, rerank, itm_scorer(self.model, vis, txt, atts))["itm_itc"]
         return {"t2i": t2i, "i2t": i2t, "t2i_order": t2i.argsort(dim=1, descending=True, stable=True),
                 "i2t_order": i2t.argsort(dim=1, descending=True, stable=True)}
 

@@ -85,17 +85,21 @@ def test_itm_rerank_adds_the_itm_log_odds_to_the_itc_logit():
     sim = torch.rand(6, 5) * 2 - 1  # [texts, images]
     # an uninformative ITM head keeps ITC's order within the top k
     flat = lambda t, i: torch.full((len(t),), 3.0)  # noqa: E731
-    t2i, i2t = itm_rerank(Temp(), sim, 3, flat)
+    t2i, i2t = itm_rerank(Temp(), sim, 3, flat)["itm_itc"]
     assert torch.equal(t2i.argsort(1, descending=True)[:, :3], sim.argsort(1, descending=True)[:, :3])
     assert torch.allclose(t2i.gather(1, sim.topk(3, 1).indices), 3.0 + sim.topk(3, 1).values / 0.5)
     assert torch.equal(i2t.argsort(1, descending=True)[:, :3], sim.T.argsort(1, descending=True)[:, :3])
     # a confident one decides; alone, it is X-VLM's order
     table = torch.randn(6, 5) * 100
-    sure = lambda t, i: table[t, i]  # noqa: E731
-    for with_itc in (True, False):
-        t2i, _ = itm_rerank(Temp(), sim, 3, sure, with_itc=with_itc)
+    calls = []
+    counted = lambda t, i: calls.append(len(t)) or table[t, i]  # noqa: E731
+    both = itm_rerank(Temp(), sim, 3, counted)
+    assert calls == [6 * 3, 5 * 3]  # each direction's top 3 scored once, for both orders
+    for name in ("itm_itc", "itm"):
+        t2i, _ = both[name]
         top = sim.topk(3, 1).indices
         assert torch.equal(t2i.argmax(1), top.gather(1, table.gather(1, top).argmax(1, keepdim=True))[:, 0])
+    assert torch.equal(both["itm"][0].gather(1, top), table.gather(1, top))  # alone: the ITM score itself
 
 
 def test_fp16_dynamic_loss_scaling_builds_scales_and_skips_overflows(monkeypatch):

@@ -54,14 +54,24 @@ def itm_scorer(model, vis, txt, atts, batch: int = 128):
     return rescore
 
 
-def itm_rerank(model, sim_t2i: torch.Tensor, k: int, score, with_itc: bool = True):
-    """(t2i, i2t) score matrices with each query's top k by ITC re-scored and placed first. The re-score is the
-    sum of two logits, ITM's match log-odds (`score`, from itm_scorer) and ITC's similarity over the temperature,
-    as BLIP adds its ITM score to the contrastive similarity; with_itc=False: ITM's alone, X-VLM's order."""
+def itm_rerank(model, sim_t2i: torch.Tensor, k: int, score) -> dict:
+    """Each query's top k by ITC re-scored and placed first, both ways: {"itm_itc": (t2i, i2t), "itm": (t2i,
+    i2t)} score matrices. "itm_itc" re-scores with the sum of two logits, ITM's match log-odds (`score`, from
+    itm_scorer) and ITC's similarity over the temperature, as BLIP adds its ITM score to the contrastive
+    similarity; "itm" with ITM's alone, X-VLM's order. The ITM head runs once per pair."""
     itc = sim_t2i.float() / float(model.temperature())
-    rescore = (lambda t, i: score(t, i).to(itc.device) + itc[t, i]) if with_itc else (  # noqa: E731
-        lambda t, i: score(t, i).to(itc.device))
-    return rerank_scores(sim_t2i, k, rescore), rerank_scores(sim_t2i.T, k, lambda i, t: rescore(t, i))
+    out = {"itm_itc": [], "itm": []}
+    for sim, texts_first in ((sim_t2i, True), (sim_t2i.T, False)):
+        odds = {}
+
+        def with_itc(q, i, texts_first=texts_first, odds=odds):
+            t, v = (q, i) if texts_first else (i, q)
+            odds["itm"] = score(t, v).to(itc.device)
+            return odds["itm"] + itc[t, v]
+
+        out["itm_itc"].append(rerank_scores(sim, k, with_itc))
+        out["itm"].append(rerank_scores(sim, k, lambda q, i, odds=odds: odds["itm"]))  # the same top k pairs
+    return {name: tuple(pair) for name, pair in out.items()}
 
 
 @torch.no_grad()
@@ -102,10 +112,10 @@ def evaluate_retrieval(model, images, ids, atts, rerank_k: int = 16, frame_mask=
     result["pool_size"] = n_items
     if len(ids) != n_items:
         result["n_texts"] = len(ids)
-    t2i_itm, i2t_itm = itm_rerank(model, sim_t2i, rerank_k, score)
-    result["itm_rerank"] = {**both(t2i_itm, i2t_itm), "k": rerank_k, "score": "itm_log_odds+itc_logit"}
-    alone = both(*itm_rerank(model, sim_t2i, rerank_k, score, with_itc=False))
-    result["itm_only_rerank"] = {**alone, "k": rerank_k, "score": "itm_log_odds"}
+    reranked = itm_rerank(model, sim_t2i, rerank_k, score)
+    t2i_itm = reranked["itm_itc"][0]
+    result["itm_rerank"] = {**both(*reranked["itm_itc"]), "k": rerank_k, "score": "itm_log_odds+itc_logit"}
+    result["itm_only_rerank"] = {**both(*reranked["itm"]), "k": rerank_k, "score": "itm_log_odds"}
     if examples:
         result["examples"] = retrieval_examples(sim_t2i, t2i_itm, positive, examples)
     return result
