@@ -134,9 +134,9 @@ class Trainer:
             done = step + 1
             if done % self.cfg.train.log_every == 0 or done == stage.end or done == start + 1:
                 last = self.log_step(done)
-            self.evaluate(done)
             if done % self.cfg.train.save_every == 0 or done == stage.end:
                 self.checkpointer.save(done, self.run_state)
+            self.evaluate(done)  # after the save: an evaluation that fails loses no checkpoint
         self.samples.close()
         del self.engine, self.checkpointer, self.streams  # the stage's loader workers stop here
         return last
