@@ -87,7 +87,7 @@ def two_stage_config():
 
 
 def _env(**extra) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", **extra)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **extra}
 
 
 @pytest.fixture(scope="session")
