@@ -82,3 +82,16 @@ def test_the_readme_demo_override_example_loads():
     example = re.search(r"overrides of the tiny\s+preset, e\.g\. ([^\]]+)\]", readme).group(1).split()
     cfg = load_config("tiny", example)
     assert cfg.train.steps == sum(s.steps for s in cfg.train.stages) and len(example) == 2
+
+
+def test_the_readme_evaluation_during_training_example_loads():
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = re.search(r"x2vlm pretrain --config base \.\.\. (train\.eval_every=(?:[^\n]*\\\n)*[^\n]*)", readme)
+    overrides = shlex.split(block.group(1).replace("\\\n", " "))
+    cfg = load_config("base", overrides)
+    assert cfg.train.eval_every == 2000 and cfg.train.eval.max_frames == 8 and len(overrides) == 6
+    assert cfg.train.eval.videos == ["shards/msrvtt-1ka/*.tar"]
