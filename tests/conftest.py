@@ -33,14 +33,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def x2vlm_logger_as_found():
-    """A test that runs a command in-process lets the command set up its console logging; the next test finds the
-    "x2vlm" logger as it was (propagating to the root logger, where pytest's log capture listens)."""
+def x2vlm_logger_fresh():
+    """Every test starts with the "x2vlm" logger as a fresh process has it: no console handler, propagating to the
+    root logger where pytest's log capture listens. A command run in-process (even from a module-scoped fixture,
+    which is set up before this fixture) sets up its console logging and stops the propagation; pytest before 9
+    does not capture a logger that stops propagating."""
     import logging
-    log = logging.getLogger("x2vlm")
-    before = (list(log.handlers), log.level, log.propagate)
+
+    def reset():
+        log = logging.getLogger("x2vlm")
+        log.handlers[:] = [h for h in log.handlers if not getattr(h, "_x2vlm", False)]
+        log.setLevel(logging.NOTSET)
+        log.propagate, log.disabled = True, False
+
+    reset()
     yield
-    log.handlers[:], log.level, log.propagate = before
+    reset()
 
 
 @pytest.fixture(autouse=True)
