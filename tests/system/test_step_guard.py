@@ -2,6 +2,7 @@
 stops the run; checkpoints stay intact (a skipped step changes no weight). One process (the ranks agree through
 one all-reduce of a flag, and DeepSpeed's gradient norm is global)."""
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -71,6 +72,9 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, single_proces
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 2, 3]
+    # a step whose loss is not finite logs no loss (the window's means leave it out); step 5's loss was finite
+    assert [r["step"] for r in rows if "loss" not in r] == [3, 6]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["images/itc"]) for r in rows if "loss" in r)
     ckpts = tmp_path / "run" / "checkpoints"
     # saved every 2 steps: after the skipped steps 5 and 6 the weights are still those of step 4, untouched
     assert (ckpts / "latest").read_text() == "step6"

@@ -199,20 +199,21 @@ class Trainer:
         accum, dtype = self.cfg.train.grad_accum, DTYPES[self.precision]
         applied, all_finite = False, True
         for _ in range(accum):
-            total = 0.0
+            total, terms = 0.0, {}
             for s in self.sources:
                 t0 = time.perf_counter()
                 batch = self.streams.next(s.name)
                 self.stats.batch(s.name, batch, time.perf_counter() - t0)
                 self.samples.add(step, s.name, batch["keys"])
                 self.monitor.add(batch)
-                losses = self.engine(to_device(batch, self.engine.device, dtype), self.objectives[s.name])
-                total = total + s.weight * losses["loss"]
-                self.stats.losses(s.name, losses)
-            self.stats.total(total)
+                terms[s.name] = self.engine(to_device(batch, self.engine.device, dtype), self.objectives[s.name])
+                total = total + s.weight * terms[s.name]["loss"]
             finite = self.guard.finite(total)
             all_finite = all_finite and finite
-            if finite:
+            if finite:  # a skipped micro-batch's losses stay out of the logged means (skipped_steps counts it)
+                for name, losses in terms.items():
+                    self.stats.losses(name, losses)
+                self.stats.total(total)
                 self.engine.backward(total)
             if finite or accum > 1:  # a bad micro-batch adds nothing; the others make the step
                 self.engine.step()  # skips the update itself when the gradient is not finite
