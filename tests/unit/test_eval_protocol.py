@@ -98,3 +98,31 @@ def test_accuracy_by_type_and_chance_by_hand():
     assert r["by_type"]["colour"]["chance"] == pytest.approx(1 / 3)
     assert r["by_type"]["direction"]["chance"] == pytest.approx(2 / 3)
     assert r["majority"] == pytest.approx(2 / 6)  # always label 2
+
+
+def test_held_out_sets_with_nothing_usable_are_refused_in_one_line(video_finetuning, tmp_path):
+    """Shards that hold nothing the evaluation can use stop it with one line naming what is missing and where,
+    from the command line and from the library, instead of a traceback from stacking nothing (or, in training, a
+    failure at the first evaluation)."""
+    import subprocess
+    import sys
+    import tarfile
+
+    from x2vlm.config import ConfigError
+
+    v = video_finetuning
+    cfg = v.config("empty", SourceConfig(name="clips", kind="video", shards=v.retrieval))
+    export_weights(build_model(cfg, v.tokenizer).state_dict(), cfg, tmp_path / "ckpt", str(v.root / "tok"))
+    empty = tmp_path / "empty-000000.tar"
+    tarfile.open(empty, "w").close()
+    images = write_shards(generate("heldout", 3, seed=5, image_size=64), str(tmp_path), "heldout", 3)
+    p = subprocess.run([sys.executable, "-m", "x2vlm", "evaluate", "--checkpoint", str(tmp_path / "ckpt"),
+                        "--images", str(empty)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip() == (
+        "x2vlm evaluate: error: no usable images in 1 shard(s) (empty-000000.tar): nothing to evaluate on"), p.stderr
+    for settings, what in ((dict(region_shards=images, min_regions=99), "usable images with at least 99 regions"),
+                           (dict(video_shards=images), "usable captioned clips"),
+                           (dict(videoqa_shards=v.retrieval), "questions on usable clips")):
+        with pytest.raises(ConfigError, match=f"no {what} in "):
+            evaluate_checkpoint(str(tmp_path / "ckpt"), fps=1.0, max_frames=4, **settings)
+    assert evaluate_checkpoint(str(tmp_path / "ckpt"), image_shards=images)["image_retrieval"]["pool_size"] == 3

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from x2vlm.config import ConfigError
 from x2vlm.data.pipeline import iterate_samples, pad_clips
 from x2vlm.data.samples import ClipDecoder, ImageDecoder
 from x2vlm.data.shards import expand_shards
@@ -36,6 +37,15 @@ def clips(shards, fps: float = 1.0, max_frames: int = 8, min_frames: int = 1, ne
     return iterate_samples(shards, decoder, skipped)
 
 
+def nonempty(items: list, what: str, shards) -> list:
+    """`items`, refused with a one-line error when there are none: an evaluation of nothing has no numbers."""
+    if not items:
+        files = expand_shards(shards)
+        raise ConfigError(f"no {what} in {len(files)} shard(s) ({', '.join(Path(p).name for p in files[:3])}"
+                          f"{', ...' if len(files) > 3 else ''}): nothing to evaluate on")
+    return items
+
+
 def loading(samples, limit: int | None, what: str):
     """The first `limit` samples (all when None), with a progress bar."""
     return progress(islice(samples, limit), total=limit, desc=f"reading {what}", unit=" samples")
@@ -60,7 +70,7 @@ def load_captioned_pool(shards, image_size: int, limit: int | None = None):
         name = ("id", str(image_id)) if image_id is not None else ("sample", n)
         instances.append(ids.setdefault(name, len(ids)))
         keys.append(s["key"])
-    return torch.stack(images), captions, torch.tensor(instances), keys
+    return torch.stack(nonempty(images, "usable images", shards)), captions, torch.tensor(instances), keys
 
 
 def load_grounding(shards, image_size: int, min_shapes: int = 2, limit: int | None = None):
@@ -76,14 +86,15 @@ def load_grounding(shards, image_size: int, min_shapes: int = 2, limit: int | No
             break
         img, boxes = eval_transform(s["image"], [r["box"] for r in regions], image_size)
         out.append((img, [(r["phrase"], list(map(float, b))) for r, b in zip(regions, boxes)]))
-    return out
+    return nonempty(out, f"usable images with at least {min_shapes} regions", shards)
 
 
 def load_video_pool(shards, image_size: int, fps: float = 1.0, max_frames: int = 8, min_frames: int = 1,
                     limit: int | None = None, **seek):
     """Clips (padded to the longest, with a frame mask) and captions of video shards, in shard order (the first
     `limit` clips when given)."""
-    samples = list(loading(clips(shards, fps, max_frames, min_frames, needs="caption", **seek), limit, "clips"))
+    samples = nonempty(list(loading(clips(shards, fps, max_frames, min_frames, needs="caption", **seek), limit,
+                                    "clips")), "usable captioned clips", shards)
     videos, mask = pad_clips([frames_to_tensor(s["frames"], image_size) for s in samples])
     return videos, mask, [s["json"]["caption"] for s in samples]
 
@@ -153,6 +164,7 @@ def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rera
         skipped: dict = {}
         qa = evaluate_videoqa(model, clips(videoqa_shards, fps, max_frames, needs="qa", skipped=skipped, **seeking),
                               tokenize, size)
+        nonempty(qa["n"] * [None], "questions on usable clips", videoqa_shards)
         result["video_qa"] = {**qa, "skipped_clips": skipped,
                               "protocol": protocol(sha, videoqa_shards, **sampling, n_questions=qa["n"],
                                                    n_clips=qa.get("clips", 0))}

@@ -27,7 +27,7 @@ from x2vlm.config import RunConfig, read_answer_vocab
 from x2vlm.data.transforms import MEAN, STD
 from x2vlm.eval.grounding import evaluate_grounding
 from x2vlm.eval.retrieval import evaluate_retrieval
-from x2vlm.eval.run import (clips, load_captioned_pool, load_grounding, load_video_pool, make_tokenize,
+from x2vlm.eval.run import (clips, load_captioned_pool, load_grounding, load_video_pool, make_tokenize, nonempty,
                             protocol)
 from x2vlm.eval.video import direction_probe
 from x2vlm.eval.videoqa import evaluate_videoqa
@@ -93,7 +93,8 @@ class Evaluator:
             videos, mask, captions = load_video_pool(h.videos, self.size, h.fps, h.max_frames, limit=h.limit)
             data["videos"] = {"videos": videos, "mask": mask, "texts": captions}
         if h.videoqa:
-            data["videoqa"] = list(islice(clips(h.videoqa, h.fps, h.max_frames, needs="qa"), h.limit))
+            data["videoqa"] = nonempty(list(islice(clips(h.videoqa, h.fps, h.max_frames, needs="qa"), h.limit)),
+                                       "usable clips with questions", h.videoqa)
             path = self.cfg.model.qa_vocab
             data["answers"] = read_answer_vocab(path, self.cfg.model.qa_answers) if path else None
         sizes = {"images": len(data.get("images", {}).get("images", [])), "grounding images":
