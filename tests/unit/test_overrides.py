@@ -70,3 +70,31 @@ def test_bad_yaml_file_and_unresumable_remote_shards(tmp_path, shards, capsys):
     err = capsys.readouterr().err
     assert err.startswith("x2vlm pretrain: error: data.sources.0.shards: source 'images' streams remote shards")
     assert "data.remote_cache=DIR" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("override, why", [
+    ("train.seed=3", "the demo sets it from --seed"),
+    ("train.out_dir=elsewhere", "the demo sets it from --out"),
+    ("data.sources.0.shards=[x.tar]", "the demo writes its own data"),
+    ("model.text.tokenizer=bert-base-uncased", "the demo trains its tokenizer on its own captions"),
+    ("model.fusion.layerz=2", "unknown key"),
+])
+def test_the_demo_refuses_what_it_sets_itself_or_does_not_know_before_any_work(tmp_path, capsys, override, why):
+    assert main(["demo", "--out", str(tmp_path / "demo"), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"x2vlm demo: error: {override.split('=')[0]}: ") and why in err, err
+    assert "\n" not in err and not (tmp_path / "demo").exists()
+
+
+def test_the_demo_keeps_the_users_held_out_settings():
+    from x2vlm.demo.run import overridden, pretraining_evaluation
+
+    overrides = ["train.eval.rerank_k=4", "train.eval.limit=50"]
+    paths = {"heldout": ["h-000000.tar"], "video_retrieval_test": ["v-000000.tar"]}
+    video = load_config("tiny").data.sources[2]
+    cfg = update(load_config("tiny", overrides), pretraining_evaluation(overridden(overrides), video, paths))
+    e = cfg.train.eval
+    assert (e.rerank_k, e.limit, e.images, e.regions, e.videos, cfg.train.eval_every) == (
+        4, 50, ["h-000000.tar"], ["h-000000.tar"], ["v-000000.tar"], 100)
+    default = update(load_config("tiny"), pretraining_evaluation(overridden([]), video, paths)).train.eval
+    assert (default.rerank_k, default.limit) == (load_config("tiny").train.eval.rerank_k, 100)

@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 
 from x2vlm import launch
-from x2vlm.config import SourceConfig, load_config, save_config, update
+from x2vlm.config import ConfigError, SourceConfig, load_config, save_config, update
 from x2vlm.report import write_report
 
 # Fine-tuning in the demo, per task: (kind of the data source, settings). Clips are sampled as in pre-training.
@@ -125,15 +125,30 @@ def held_out(video: SourceConfig | None, limit: int, **shards) -> dict:
     return {**{k: list(v) for k, v in shards.items() if v}, "limit": limit, "examples": 8, **sampling}
 
 
-def pretraining_evaluation(base, overrides: list[str] | None, video: SourceConfig | None, paths: dict) -> dict:
-    """train.eval_every and train.eval of the pre-training run: the demo's held-out sets and cadence, except what
-    the user's overrides set."""
+# Settings the demo makes itself (its data, tokenizer, folder and seed): an override of one is refused, saying why.
+DEMO_SETS = {"train.out_dir": "the demo sets it from --out", "train.seed": "the demo sets it from --seed",
+             "model.text.tokenizer": "the demo trains its tokenizer on its own captions",
+             "shards": "the demo writes its own data (sized by --train-images and --heldout-images)"}
+
+
+def overridden(overrides: list[str] | None) -> set:
+    """The keys the user's overrides set; a key the demo sets itself is refused with a one-line error."""
     given = {o.split("=", 1)[0].strip() for o in overrides or []}
+    for key in sorted(given):
+        instead = DEMO_SETS.get(key) or DEMO_SETS.get(key.rsplit(".", 1)[-1] if key.startswith("data.") else "")
+        if instead:
+            raise ConfigError(f"{key}: not an override for the demo: {instead}")
+    return given
+
+
+def pretraining_evaluation(given: set, video: SourceConfig | None, paths: dict) -> dict:
+    """train.eval_every and the train.eval entries of the pre-training run: the demo's held-out sets and cadence,
+    except what the user's overrides set (those, and every other train.eval entry, stay as the overrides made
+    them)."""
     evaluation = held_out(video, EVAL_LIMIT["pretrain"], images=paths["heldout"], regions=paths["heldout"],
                           videos=paths.get("video_retrieval_test"))
-    evaluation = {k: getattr(base.train.eval, k) if f"train.eval.{k}" in given else v for k, v in evaluation.items()}
-    return {"train.eval_every": base.train.eval_every if "train.eval_every" in given else EVAL_EVERY,
-            "train.eval": evaluation}
+    out = {f"train.eval.{k}": v for k, v in evaluation.items() if f"train.eval.{k}" not in given}
+    return out if "train.eval_every" in given else {"train.eval_every": EVAL_EVERY, **out}
 
 
 def finetune_job(outp: Path, name: str, task: str, shards: list, video: SourceConfig, settings: dict,
@@ -210,16 +225,17 @@ def run_demo(out: str = "runs/demo", ranks: int = 2, overrides: list[str] | None
              n_heldout: int = 300, seed: int = 0, n_train_clips: int = 1200, n_heldout_clips: int = 200) -> dict:
     from x2vlm.eval.run import evaluate_checkpoint
 
+    given = overridden(overrides)
+    base = load_config("tiny", overrides)
     start = time.time()
     outp = Path(out).resolve()
     outp.mkdir(parents=True, exist_ok=True)
-    base = load_config("tiny", overrides)
     video = [s for s in base.data.sources if s.kind == "video"]
     paths = prepare_data(outp, n_train, n_heldout, seed, base.model.vision.image_size,
                          shards_per_source=max(4, 2 * ranks), n_train_clips=n_train_clips if video else 0,
                          n_heldout_clips=n_heldout_clips if video else 0)
     shards = {"image": paths["train"], "region": paths["train"], "video": paths.get("train_video")}
-    evaluation = pretraining_evaluation(base, overrides, video[0] if video else None, paths)
+    evaluation = pretraining_evaluation(given, video[0] if video else None, paths)
     cfg = update(base, {**{f"data.sources.{i}.shards": shards[s.kind] for i, s in enumerate(base.data.sources)},
                         "model.text.tokenizer": str(outp / "tokenizer"), "train.out_dir": str(outp / "run"),
                         "train.seed": seed, **evaluation})
