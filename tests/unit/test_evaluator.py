@@ -4,6 +4,7 @@ leaves every global random generator as it found it."""
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from x2vlm.config import load_config, update
@@ -44,3 +45,8 @@ def test_steps_weights_and_random_generators(tmp_path):
     assert record["image_retrieval"]["protocol"]["weights"] == "live, step 6"
     assert record["grounding"]["n"] > 0 and len(record["grounding"]["examples"]) == 2
     assert all((tmp_path / "run" / e["file"]).exists() for e in record["grounding"]["examples"])
+    # a trained model whose tensors are not the evaluation model's (another shape of model) is refused, never
+    # evaluated half-copied
+    other = build_model(update(cfg, {"model.fusion.layers": 1}), tokenizer)
+    with pytest.raises(RuntimeError, match=r"differ in \d+ tensor name"):
+        evaluator.run(other, 9)

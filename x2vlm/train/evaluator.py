@@ -124,9 +124,13 @@ class Evaluator:
         if self.model is None:
             self.model = build_model(self.cfg, self.tokenizer).to(self.device).float().eval()
         own = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
-        for name, tensor in [*live.named_parameters(), *live.named_buffers()]:
-            if name in own:
-                own[name].copy_(tensor.detach())
+        live_tensors = {**dict(live.named_parameters()), **dict(live.named_buffers())}
+        if own.keys() != live_tensors.keys():  # the copy would evaluate a partly untrained model
+            odd = sorted(own.keys() ^ live_tensors.keys())
+            raise RuntimeError(f"the evaluation model and the trained one differ in {len(odd)} tensor name(s), "
+                               f"e.g. {odd[:3]}")
+        for name, tensor in live_tensors.items():
+            own[name].copy_(tensor.detach())
 
     def evaluate(self, step: int) -> dict:
         h, d, m = self.held, self.data, self.model
