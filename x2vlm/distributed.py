@@ -9,6 +9,7 @@ collectives (a test checks).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import glob
 import os
 import socket
@@ -222,6 +223,16 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad)
         return grad[rank()]
+
+
+@contextlib.contextmanager
+def full_parameters(module: torch.nn.Module):
+    """The module's full parameters on every rank within the block (ZeRO-3 partitions them: they are gathered;
+    otherwise nothing happens). Every rank must enter it."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
 
 
 def all_gather_rows(x: torch.Tensor, with_grad: bool = False) -> tuple[torch.Tensor, int]:

@@ -94,7 +94,7 @@ def test_evaluation_does_not_import_the_trainer():
 
 def collective_calls(source: str) -> list:
     """Calls of torch.distributed collectives in a source text: through any alias of torch.distributed (or a module
-    below it), or imported by name."""
+    below it), or imported by name; and DeepSpeed's GatheredParameters (an all-gather under ZeRO-3)."""
     tree = ast.parse(source)
     aliases, names = set(), set()
     for node in ast.walk(tree):
@@ -119,6 +119,8 @@ def collective_calls(source: str) -> list:
             found.append(ast.unparse(f))
         elif isinstance(f, ast.Name) and f.id in names:
             found.append(f.id)
+        elif ast.unparse(f).endswith("GatheredParameters"):  # ZeRO-3's gathering of partitioned weights
+            found.append(ast.unparse(f))
     return found
 
 
@@ -129,6 +131,8 @@ def test_the_collective_finder_finds_them():
     assert collective_calls("import torch.distributed.nn.functional as F\nF.all_gather(x)") == ["F.all_gather"]
     assert collective_calls("from torch import distributed as d\nd.broadcast(t, 0)") == ["d.broadcast"]
     assert collective_calls("import torch.distributed as dist\ndist.get_rank()") == []
+    assert collective_calls("import deepspeed\nwith deepspeed.zero.GatheredParameters(ps):\n    pass") == [
+        "deepspeed.zero.GatheredParameters"]
 
 
 @pytest.mark.parametrize("folder", ["x2vlm", "video", "scripts"])

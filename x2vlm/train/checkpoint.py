@@ -39,13 +39,8 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
 
 def full_state_dict(engine) -> dict | None:
     """fp32 copies of all weights on rank 0 (None elsewhere); gathers ZeRO-3 partitions when needed."""
-    import deepspeed
-
     module = engine.module
-    stage3 = engine.zero_optimization_stage() == 3
-    ctx = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None) if stage3 \
-        else nullcontext()
-    with ctx:
+    with distributed.full_parameters(module) if engine.zero_optimization_stage() == 3 else nullcontext():
         if not distributed.is_main():
             return None
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

@@ -5,7 +5,7 @@ steps, with examples for pictures and tables.
 Every rank calls `run` at the same steps (it decides them: every `eval_every` steps, step 0 of a run that starts
 from scratch, and the run's last step; a resumed run evaluates at the same steps). The main rank evaluates a
 float32 copy of the model on the training device: the live weights are copied into it (under ZeRO-3 inside
-deepspeed.zero.GatheredParameters, which every rank enters, so each rank gathers the full weights for the copy),
+distributed.full_parameters, which every rank enters, so each rank gathers the full weights for the copy),
 the other ranks wait at a barrier. Evaluation samples nothing (no dropout, clips read at the evaluation offsets)
 and the global random generators are restored afterwards, so a run with evaluation trains exactly as one without.
 
@@ -14,7 +14,6 @@ once under OUT/media/ and referred to by path (relative to OUT) in the results.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from itertools import islice
 from pathlib import Path
@@ -50,16 +49,6 @@ def thumbnail(img: Image.Image, largest: int | None) -> Image.Image:
         img = img.copy()
         img.thumbnail((largest, largest))
     return img
-
-
-@contextlib.contextmanager
-def gathered(module: torch.nn.Module):
-    """The module's full parameters on every rank within the block (ZeRO-3 partitions them; a no-op otherwise).
-    Every rank must enter it."""
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        yield
 
 
 class Evaluator:
@@ -110,7 +99,7 @@ class Evaluator:
         it at the steps where `due` holds."""
         state = rng_state()
         try:
-            with gathered(live):
+            with distributed.full_parameters(live):
                 if distributed.is_main():
                     self.copy_weights(live)
             result = self.evaluate(step) if distributed.is_main() else None
