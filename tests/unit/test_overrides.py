@@ -72,6 +72,22 @@ def test_bad_yaml_file_and_unresumable_remote_shards(tmp_path, shards, capsys):
     assert "data.remote_cache=DIR" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("evaluation, starts", [
+    ([], "train.eval_every: evaluation needs held-out shards in train.eval"),
+    (["train.eval.images=[{d}/heldout-*.tar]"], "train.eval.images: no shard matches"),
+    (["train.eval.images=[{d}/coco-000.tar]", "train.eval.videos=[{d}/none-{{0..1}}.tar]"],
+     "train.eval.videos: no shard matches"),
+])
+def test_held_out_shards_that_do_not_exist_end_in_one_line(shards, capsys, evaluation, starts):
+    data = [f"data.sources.{i}.shards={shards}/coco-*.tar" for i in range(3)]
+    held = [e.format(d=shards) for e in evaluation]
+    assert main(["pretrain", "--config", "tiny", *data, "train.eval_every=10", *held,
+                 f"train.out_dir={shards}/run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"x2vlm pretrain: error: {starts}") and err.count("\n") == 1, err
+    assert not (shards / "run").exists()
+
+
 @pytest.mark.parametrize("override, why", [
     ("train.seed=3", "the demo sets it from --seed"),
     ("train.out_dir=elsewhere", "the demo sets it from --out"),

@@ -135,16 +135,21 @@ def sample_key(path: str | os.PathLike) -> str:
     return Path(path).with_suffix("").as_posix().replace("/", "_").replace(".", "_")
 
 
-def require_shards(sources) -> None:
-    """Every data source names shards that exist (ConfigError naming the source otherwise); remote shards are not
+def require_existing(shards, where: str) -> None:
+    """`shards` name shards that exist (a ConfigError starting with `where` otherwise); remote shards are not
     contacted here."""
+    if not shards:
+        raise ConfigError(f"{where} names no shards")
+    try:
+        expand_shards(shards)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def require_shards(sources) -> None:
+    """Every data source names shards that exist (ConfigError naming the source otherwise)."""
     for i, s in enumerate(sources):
-        if not s.shards:
-            raise ConfigError(f"data.sources.{i}.shards: source {s.name!r} names no shards")
-        try:
-            expand_shards(s.shards)
-        except FileNotFoundError as e:
-            raise ConfigError(f"data.sources.{i}.shards: source {s.name!r}: {e}") from None
+        require_existing(s.shards, f"data.sources.{i}.shards: source {s.name!r}")
 
 
 def check_resumable(data_cfg) -> None:

@@ -58,16 +58,13 @@ def load_run_tokenizer(cfg: RunConfig):
 
 def require_eval_shards(held) -> None:
     """Evaluation during training has held-out shards, and they exist (ConfigError naming the key otherwise)."""
-    from x2vlm.data.shards import expand_shards
+    from x2vlm.data.shards import require_existing
 
     if not held.shard_sets():
         raise ConfigError("train.eval_every: evaluation needs held-out shards in train.eval (images, regions, "
                           "videos or videoqa)")
     for key, shards in held.shard_sets().items():
-        try:
-            expand_shards(shards)
-        except FileNotFoundError as e:
-            raise ConfigError(f"train.eval.{key}: {e}") from None
+        require_existing(shards, f"train.eval.{key}")
 
 
 def stage_handoff(cfg: RunConfig, stage: Stage) -> dict:
