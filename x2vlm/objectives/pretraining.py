@@ -10,6 +10,8 @@ Loss math runs in float32 also when the model is in bf16.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from x2vlm.boxes import xywh_to_cxcywh
@@ -21,10 +23,14 @@ from x2vlm.ops import contrastive_loss
 ALWAYS_USED = {"vision", "text", "fusion", "vision_proj", "text_proj", "temperature", "itm_head", "mlm_head"}
 
 
+@functools.lru_cache(maxsize=16)
+def _hash_weights(length: int, device: torch.device) -> torch.Tensor:
+    return torch.randint(1, 2 ** 62, (length,), generator=torch.Generator().manual_seed(20240601)).to(device)
+
+
 def text_keys(ids: torch.Tensor, atts: torch.Tensor) -> torch.Tensor:
     """[M] int64: the same number for the same token sequence, on every rank (a fixed-weight hash of the ids)."""
-    weights = torch.randint(1, 2 ** 62, (ids.shape[1],), generator=torch.Generator().manual_seed(20240601))
-    return ((ids * atts).long() * weights.to(ids.device)).sum(1)  # (wraps around in int64: still a hash)
+    return ((ids * atts).long() * _hash_weights(ids.shape[1], ids.device)).sum(1)  # (wraps in int64: still a hash)
 
 
 class Pretraining:
