@@ -50,6 +50,29 @@ def test_plan_activation_estimate_matches_measured_peaks():
         assert abs(estimate - measured) <= 0.2 * measured, (n, estimate, measured)
 
 
+def test_the_readme_plan_example_prints_what_the_readme_says():
+    """`x2vlm plan --config base --gpus 8 --gpu-memory 80 --micro-batch 32`, as the README writes it: model states
+    per GPU as the README quotes them (they depend only on the parameter count), the largest micro-batch near the
+    README's (activations are measured on this machine's CPU)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    line = re.search(r"`x2vlm (plan --config base --gpus 8 --gpu-memory 80) \[--micro-batch 32\]", readme).group(1)
+    p = subprocess.run([sys.executable, "-m", "x2vlm", *line.split(), "--micro-batch", "32"], capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    plan = json.loads(p.stdout.strip().splitlines()[-1])
+    quoted = re.search(r"prints ([\d.]+) GB of model states per GPU with ZeRO-2 \(([\d.]+) with ZeRO-3\)",
+                       readme.replace("\n", " "))
+    assert (plan["stages"]["zero2"]["model_states_gb"], plan["stages"]["zero3"]["model_states_gb"]) == pytest.approx(
+        (float(quoted.group(1)), float(quoted.group(2))), abs=0.006)
+    largest = int(re.search(r"at micro-batch 32 and at most (\d+)", readme.replace("\n", " ")).group(1))
+    assert abs(plan["stages"]["zero2"]["largest_micro_batch"] - largest) <= 0.1 * largest, plan
+
+
 @pytest.fixture(scope="module")
 def base_checkpoints(data):
     """BEiT-2 B/16 weights in timm's own format and a BERT-base folder in transformers' own format (random
