@@ -83,7 +83,7 @@ def kernels(device: str, reps: int) -> dict:
                 step = contrastive_step(impl, i, t, temp, ids, itc_loss, contrastive_loss)
                 try:
                     loss = step()
-                    grads[impl] = (float(loss), i.grad.float(), t.grad.float(), temp.grad.float())
+                    grads[impl] = (float(loss.detach()), i.grad.float(), t.grad.float(), temp.grad.float())
                     res[impl] = {"ms": round(1000 * timed(step, reps, sync), 3)}
                 except (RuntimeError, MemoryError) as e:  # the reference's B x B logits at 65,536
                     res[impl] = {"error": str(e).splitlines()[0][:120]}
