@@ -52,3 +52,27 @@ def test_stage_two_alone_from_a_checkpoint_matches_the_full_run(staged, launch):
     assert state["init_from"] == {"path": str(ckpts / "step3"), "sha256": weights_sha256(ckpts / "step3")}
     full, part = load_file(str(ckpts / "step6" / "model.safetensors")), load_file(str(alone / "model.safetensors"))
     assert all(torch.equal(full[k], part[k]) for k in full)
+
+
+def test_a_later_stage_alone_takes_its_predecessors_weights_from_the_run_folder_or_refuses(staged, launch,
+                                                                                         single_process_env):
+    """`--stage video` without --init, in a folder holding stage 1's last checkpoint, starts from it (the full
+    run's weights again); in a folder without it, it refuses in one line instead of starting from scratch."""
+    import shutil
+    import subprocess
+    import sys
+
+    out, _ = staged
+    ckpts = out / "run" / "checkpoints"
+    shutil.copytree(ckpts / "step3", out / "again" / "checkpoints" / "step3")
+    log = launch(out / "config.yaml", "--stage", "video", f"train.out_dir={out / 'again'}")
+    assert f"weights from {out / 'again' / 'checkpoints' / 'step3'}" in log, log[-3000:]
+    full = load_file(str(ckpts / "step6" / "model.safetensors"))
+    again = load_file(str(out / "again" / "checkpoints" / "step6" / "model.safetensors"))
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    p = subprocess.run([sys.executable, "-m", "x2vlm", "pretrain", "--config", str(out / "config.yaml"), "--stage",
+                        "video", f"train.out_dir={out / 'empty'}"], env=single_process_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
+        "x2vlm pretrain: error: --stage video: it starts from the weights stage 'images' ends with"), p.stderr[-2000:]
+    assert not (out / "empty" / "checkpoints" / "step6").exists()

@@ -73,6 +73,16 @@ def stage_handoff(cfg: RunConfig, stage: Stage) -> dict:
     return {"path": path, "stage": stage.name, "step": stage.end, "sha256": weights_sha256(path)}
 
 
+def previous_stage_weights(cfg: RunConfig, previous: Stage, stage: Stage) -> dict:
+    """Where a later stage run alone (`--stage`, no `--init`) takes its weights from: the previous stage's last
+    checkpoint in this run's folder; ConfigError when it is not there (never a silent start from scratch)."""
+    path = checkpoint_dir(cfg) / f"step{previous.end}"
+    if not (path / "model.safetensors").exists():
+        raise ConfigError(f"--stage {stage.name}: it starts from the weights stage {previous.name!r} ends with, and "
+                          f"{path} has none: run that stage first (same train.out_dir) or give --init CHECKPOINT")
+    return stage_handoff(cfg, previous)
+
+
 class Trainer:
     """Runs on every rank. `fit` runs the stages in order: the first starts from `init` (an export, weights only)
     or from the backbones' own initialisation; each later stage from the weights its predecessor ended with, with
@@ -95,10 +105,13 @@ class Trainer:
         interrupted run from its latest (or a named) checkpoint, in whichever stage it stopped. Returns the last
         logged metrics (rank 0's view)."""
         cfg = self.cfg
-        plan = select_stage(plan_stages(cfg), stage)
+        whole = plan_stages(cfg)
+        plan = select_stage(whole, stage)
         require_shared_dir(checkpoint_dir(cfg))
         start = step_of(cfg, resume) if resume else plan[0].begin
         handoff = {"path": str(init), "sha256": weights_sha256(init)} if init else None  # fails early
+        if handoff is None and resume is None and plan[0].index > 0:  # a later stage alone, in its own run
+            handoff = previous_stage_weights(cfg, whole[plan[0].index - 1], plan[0])
         if distributed.is_main():
             out = Path(cfg.train.out_dir)
             out.mkdir(parents=True, exist_ok=True)
