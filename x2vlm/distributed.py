@@ -53,6 +53,15 @@ def _held_open() -> set:
     return held
 
 
+def _age(path: Path) -> float:
+    """Seconds since the file last changed; 0 for one that is gone (another rank's build released its lock
+    between our listing and our look: the race every rank of a launch runs at start)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
 def stale_build_locks(root: str | os.PathLike | None = None, older_than_s: float = STALE_LOCK_AFTER_S) -> list:
     """Lock files under torch's extension build folder (where DeepSpeed compiles its ops on first use) that no
     live process holds open and that are older than `older_than_s`: left by a process killed while compiling.
@@ -62,7 +71,7 @@ def stale_build_locks(root: str | os.PathLike | None = None, older_than_s: float
 
         root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     found = [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]  # ROOT/op/lock or ROOT/pyXY_cpu/op/lock
-    locks = [p for p in found if time.time() - p.stat().st_mtime > older_than_s]
+    locks = [p for p in found if _age(p) > older_than_s]
     if not locks or not Path("/proc/self/fd").is_dir():
         return []
     held = _held_open()
