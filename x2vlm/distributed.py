@@ -75,7 +75,7 @@ def stale_build_locks(root: str | os.PathLike | None = None, older_than_s: float
     if not locks or not Path("/proc/self/fd").is_dir():
         return []
     held = _held_open()
-    return [p for p in locks if str(p.resolve()) not in held]
+    return [p for p in locks if str(p.resolve()) not in held and p.exists()]  # (released meanwhile: not stale)
 
 
 def check_build_locks() -> None:

@@ -57,7 +57,8 @@ def test_stage_two_alone_from_a_checkpoint_matches_the_full_run(staged, launch):
 def test_a_later_stage_alone_takes_its_predecessors_weights_from_the_run_folder_or_refuses(staged, launch,
                                                                                          single_process_env):
     """`--stage video` without --init, in a folder holding stage 1's last checkpoint, starts from it (the full
-    run's weights again); in a folder without it, it refuses in one line instead of starting from scratch."""
+    run's weights again), and so does `--stage video --resume` at that checkpoint; in a folder without it, it
+    refuses in one line instead of starting from scratch; a resume outside the stage named is refused."""
     import shutil
     import subprocess
     import sys
@@ -75,4 +76,14 @@ def test_a_later_stage_alone_takes_its_predecessors_weights_from_the_run_folder_
                        text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
         "x2vlm pretrain: error: --stage video: it starts from the weights stage 'images' ends with"), p.stderr[-2000:]
-    assert not (out / "empty" / "checkpoints" / "step6").exists()
+    assert not (out / "empty").exists()
+    # resumed at the previous stage's last checkpoint, the stage starts from its weights too
+    shutil.copytree(ckpts / "step3", out / "resumed" / "checkpoints" / "step3")
+    log = launch(out / "config.yaml", "--stage", "video", "--resume", "step3", f"train.out_dir={out / 'resumed'}")
+    resumed = load_file(str(out / "resumed" / "checkpoints" / "step6" / "model.safetensors"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full), log[-2000:]
+    p = subprocess.run([sys.executable, "-m", "x2vlm", "pretrain", "--config", str(out / "config.yaml"), "--stage",
+                        "images", "--resume", "step6", f"train.out_dir={out / 'run'}"], env=single_process_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+        "x2vlm pretrain: error: --resume step6: step 6 is outside stage 'images' (steps 0..3)"), p.stderr[-2000:]

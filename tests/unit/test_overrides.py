@@ -94,6 +94,8 @@ def test_held_out_shards_that_do_not_exist_end_in_one_line(shards, capsys, evalu
     ("data.sources.0.shards=[x.tar]", "the demo writes its own data"),
     ("model.text.tokenizer=bert-base-uncased", "the demo trains its tokenizer on its own captions"),
     ("model.fusion.layerz=2", "unknown key"),
+    ("train.eval={limit: 50}", "give them one by one (e.g. train.eval.KEY=VALUE)"),
+    ("train={seed: 3}", "give them one by one"),
 ])
 def test_the_demo_refuses_what_it_sets_itself_or_does_not_know_before_any_work(tmp_path, capsys, override, why):
     assert main(["demo", "--out", str(tmp_path / "demo"), override]) == 2

@@ -131,11 +131,18 @@ DEMO_SETS = {"train.out_dir": "the demo sets it from --out", "train.seed": "the 
              "shards": "the demo writes its own data (sized by --train-images and --heldout-images)"}
 
 
+# Whole sections that hold some of those settings: the demo takes their keys one by one.
+DEMO_SECTIONS = ("train", "model", "model.text", "data", "train.eval")
+
+
 def overridden(overrides: list[str] | None) -> set:
-    """The keys the user's overrides set; a key the demo sets itself is refused with a one-line error."""
+    """The keys the user's overrides set; a key the demo sets itself, or a whole section holding one, is refused
+    with a one-line error."""
     given = {o.split("=", 1)[0].strip() for o in overrides or []}
     for key in sorted(given):
         instead = DEMO_SETS.get(key) or DEMO_SETS.get(key.rsplit(".", 1)[-1] if key.startswith("data.") else "")
+        if key in DEMO_SECTIONS:
+            instead = f"the demo sets some of its keys itself; give them one by one (e.g. {key}.KEY=VALUE)"
         if instead:
             raise ConfigError(f"{key}: not an override for the demo: {instead}")
     return given

@@ -83,7 +83,7 @@ class Evaluator:
             data["videos"] = {"videos": videos, "mask": mask, "texts": captions}
         if h.videoqa:
             data["videoqa"] = nonempty(list(islice(clips(h.videoqa, h.fps, h.max_frames, needs="qa"), h.limit)),
-                                       "usable clips with questions", h.videoqa)
+                                       "questions on usable clips", h.videoqa)
             path = self.cfg.model.qa_vocab
             data["answers"] = read_answer_vocab(path, self.cfg.model.qa_answers) if path else None
         sizes = {"images": len(data.get("images", {}).get("images", [])), "grounding images":

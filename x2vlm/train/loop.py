@@ -79,7 +79,8 @@ def previous_stage_weights(cfg: RunConfig, previous: Stage, stage: Stage) -> dic
     path = checkpoint_dir(cfg) / f"step{previous.end}"
     if not (path / "model.safetensors").exists():
         raise ConfigError(f"--stage {stage.name}: it starts from the weights stage {previous.name!r} ends with, and "
-                          f"{path} has none: run that stage first (same train.out_dir) or give --init CHECKPOINT")
+                          f"{path} has none: run that stage first (same train.out_dir; train.keep_last may have "
+                          f"pruned it) or give --init CHECKPOINT")
     return stage_handoff(cfg, previous)
 
 
@@ -109,6 +110,9 @@ class Trainer:
         plan = select_stage(whole, stage)
         require_shared_dir(checkpoint_dir(cfg))
         start = step_of(cfg, resume) if resume else plan[0].begin
+        if stage is not None and not plan[0].begin <= start <= plan[0].end:
+            raise ConfigError(f"--resume {resume}: step {start} is outside stage {stage!r} (steps "
+                              f"{plan[0].begin}..{plan[0].end})")
         handoff = {"path": str(init), "sha256": weights_sha256(init)} if init else None  # fails early
         if handoff is None and resume is None and plan[0].index > 0:  # a later stage alone, in its own run
             handoff = previous_stage_weights(cfg, whole[plan[0].index - 1], plan[0])
@@ -121,11 +125,11 @@ class Trainer:
         self.measure_peak()
         self.evaluator = Evaluator(cfg, self.tokenizer, self.device, plan[-1].end) if cfg.train.eval_every else None
         last: dict = {}
-        for i, st in enumerate(plan):
+        for st in plan:
             if start >= st.end:
                 continue
-            if resume is not None and st.begin == start and i > 0:  # resumed at the end of the previous stage
-                handoff = stage_handoff(cfg, plan[i - 1])
+            if resume is not None and st.begin == start and st.index > 0:  # resumed at the previous stage's end
+                handoff = stage_handoff(cfg, whole[st.index - 1])
             last = self.run_stage(st, start, handoff, resume if resume is not None and st.begin < start else None)
             handoff, start = stage_handoff(cfg, st), st.end
         if self.metrics:
