@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from x2vlm.config import ConfigError, load_config
-from x2vlm.eval.ranking import gt_ranks, recall, rerank_scores
+from x2vlm.eval.ranking import gt_ranks, place_first, recall, top_pairs
 from x2vlm.train.engine import build_ds_config
 from x2vlm.train.optim import build_optimizer, lr_factor
 
@@ -69,7 +69,8 @@ def test_rerank_reorders_only_the_top_k():
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
     # the re-scorer prefers item 1 over item 0; item 3 would win but is outside the top 2
     table = torch.tensor([[0.2, 0.6, 0.0, 1.0]])
-    new = rerank_scores(scores, 2, lambda q, i: table[q, i])
+    rows, top = top_pairs(scores, 2)
+    new = place_first(scores, rows, top, table[rows, top])
     order = new[0].argsort(descending=True).tolist()
     assert order == [1, 0, 2, 3]
 

@@ -23,13 +23,15 @@ def recall(ranks: torch.Tensor, ks=(1, 5, 10)) -> dict:
     return out
 
 
-def rerank_scores(scores: torch.Tensor, k: int, rescore) -> torch.Tensor:
-    """Re-score each row's top-k items with `rescore(query_idx [Q*k], item_idx [Q*k]) -> [Q*k]`; those k come
-    first in the new order (by the new score), the rest keep their order behind them."""
-    k = min(k, scores.shape[1])
-    top = scores.topk(k, dim=1).indices
-    rows = torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(top)
-    new = rescore(rows.reshape(-1), top.reshape(-1)).reshape(top.shape).float()
-    out = scores.float() - scores.float().max() + new.min() - 1.0  # the rest stays below every re-scored item
-    out[rows, top] = new
+def top_pairs(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, items) [Q, k]: each row's top-k items by `scores`."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    return torch.arange(scores.shape[0], device=scores.device)[:, None].expand_as(top), top
+
+
+def place_first(scores: torch.Tensor, rows: torch.Tensor, top: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`scores` with the items `top` [Q, k] of each row given the scores `new` [Q, k]: they come first in the new
+    order (by the new score), the rest keep their order behind them."""
+    out = scores.float() - scores.float().max() + new.float().min() - 1.0  # the rest stays below every new score
+    out[rows, top] = new.float()
     return out

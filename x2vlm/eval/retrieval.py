@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from x2vlm.eval.ranking import model_device, recall, rerank_scores
+from x2vlm.eval.ranking import model_device, place_first, recall, top_pairs
 from x2vlm.logs import progress
 
 
@@ -62,15 +62,12 @@ def itm_rerank(model, sim_t2i: torch.Tensor, k: int, score) -> dict:
     itc = sim_t2i.float() / float(model.temperature())
     out = {"itm_itc": [], "itm": []}
     for sim, texts_first in ((sim_t2i, True), (sim_t2i.T, False)):
-        odds = {}
-
-        def with_itc(q, i, texts_first=texts_first, odds=odds):
-            t, v = (q, i) if texts_first else (i, q)
-            odds["itm"] = score(t, v).to(itc.device)
-            return odds["itm"] + itc[t, v]
-
-        out["itm_itc"].append(rerank_scores(sim, k, with_itc))
-        out["itm"].append(rerank_scores(sim, k, lambda q, i, odds=odds: odds["itm"]))  # the same top k pairs
+        rows, top = top_pairs(sim, k)
+        q, i = rows.reshape(-1), top.reshape(-1)
+        t, v = (q, i) if texts_first else (i, q)
+        itm = score(t, v).to(itc.device).reshape(top.shape)
+        out["itm_itc"].append(place_first(sim, rows, top, itm + itc[t, v].reshape(top.shape)))
+        out["itm"].append(place_first(sim, rows, top, itm))
     return {name: tuple(pair) for name, pair in out.items()}
 
 
