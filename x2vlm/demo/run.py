@@ -140,7 +140,7 @@ def overridden(overrides: list[str] | None) -> set:
     with a one-line error."""
     given = {o.split("=", 1)[0].strip() for o in overrides or []}
     for key in sorted(given):
-        instead = DEMO_SETS.get(key) or DEMO_SETS.get(key.rsplit(".", 1)[-1] if key.startswith("data.") else "")
+        instead = DEMO_SETS["shards"] if key.startswith("data.") and key.endswith(".shards") else DEMO_SETS.get(key)
         if key in DEMO_SECTIONS:
             instead = f"the demo sets some of its keys itself; give them one by one (e.g. {key}.KEY=VALUE)"
         if instead:

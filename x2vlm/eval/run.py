@@ -37,12 +37,17 @@ def clips(shards, fps: float = 1.0, max_frames: int = 8, min_frames: int = 1, ne
     return iterate_samples(shards, decoder, skipped)
 
 
+def nothing_to_evaluate(what: str, shards) -> ConfigError:
+    """The one-line error for held-out shards without a usable `what`: an evaluation of nothing has no numbers."""
+    files = expand_shards(shards)
+    return ConfigError(f"no {what} in {len(files)} shard(s) ({', '.join(Path(p).name for p in files[:3])}"
+                       f"{', ...' if len(files) > 3 else ''}): nothing to evaluate on")
+
+
 def nonempty(items: list, what: str, shards) -> list:
-    """`items`, refused with a one-line error when there are none: an evaluation of nothing has no numbers."""
+    """`items`, refused (nothing_to_evaluate) when there are none."""
     if not items:
-        files = expand_shards(shards)
-        raise ConfigError(f"no {what} in {len(files)} shard(s) ({', '.join(Path(p).name for p in files[:3])}"
-                          f"{', ...' if len(files) > 3 else ''}): nothing to evaluate on")
+        raise nothing_to_evaluate(what, shards)
     return items
 
 
@@ -164,7 +169,8 @@ def evaluate_checkpoint(checkpoint: str, image_shards=(), region_shards=(), rera
         skipped: dict = {}
         qa = evaluate_videoqa(model, clips(videoqa_shards, fps, max_frames, needs="qa", skipped=skipped, **seeking),
                               tokenize, size)
-        nonempty(qa["n"] * [None], "questions on usable clips", videoqa_shards)
+        if not qa["n"]:
+            raise nothing_to_evaluate("questions on usable clips", videoqa_shards)
         result["video_qa"] = {**qa, "skipped_clips": skipped,
                               "protocol": protocol(sha, videoqa_shards, **sampling, n_questions=qa["n"],
                                                    n_clips=qa.get("clips", 0))}
