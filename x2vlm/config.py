@@ -50,6 +50,10 @@ class VisionConfig:
     # Pixel statistics the encoder works in. Images always arrive normalised with mean = std = 0.5 (the data
     # pipeline's); the encoder maps them to these first. clip: X2-VLM's (CLIP's mean and std); imagenet.
     pixels: Literal["half", "clip", "imagenet"] = "half"
+    # How pixels become patch tokens. patch: the ViT's own linear patch embedding (every published checkpoint).
+    # conv: a small convolutional stem in its place (x2vlm.model.vision.ConvStem), for encoders trained from
+    # scratch: they learn shapes many times faster (docs/experiments.md).
+    stem: Literal["patch", "conv"] = "patch"
     extra: dict = field(default_factory=dict)  # further keyword arguments for timm.create_model
 
     def __post_init__(self):
@@ -59,6 +63,9 @@ class VisionConfig:
                               f"{self.image_size}")
         if self.width % self.heads:
             raise ConfigError(f"width: expected a multiple of heads {self.heads}, got {self.width}")
+        if self.stem == "conv":
+            if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
+                raise ConfigError(f"stem: conv needs a patch_size that is a power of two, got {self.patch_size}")
 
 
 @dataclass

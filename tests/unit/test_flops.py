@@ -79,6 +79,7 @@ TINY = {
     "checkpointed, post-LN fusion, plain ITC and box pooling":
         ["model.activation_checkpointing=[vision,text,fusion]", "model.fusion.style=bert",
          "model.fusion.vision_positions=false", "loss.itc_impl=reference", "model.box_pool_impl=reference"],
+    "the ViT's patch embedding instead of the convolutional stem": ["model.vision.stem=patch"],
     "frozen vision, mean over frames, vision checkpointed":
         ["model.vision.frozen=true", "model.video.aggregator=mean", "model.activation_checkpointing=[vision]"],
 }

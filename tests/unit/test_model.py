@@ -307,6 +307,38 @@ def test_vit_from_scratch_starts_with_a_2d_sincos_position_table():
     assert enc.vit.pos_embed.requires_grad
 
 
+def test_conv_stem_gives_tokens_on_the_patch_grid_and_refuses_what_it_cannot_be():
+    from x2vlm.config import ConfigError
+    from x2vlm.model.vision import ConvStem
+
+    cfg = load_config("tiny", ["model.vision.depth=1"]).model.vision
+    assert cfg.stem == "conv"  # the tiny preset trains its encoder from scratch
+    enc = VisionEncoder(cfg)
+    assert isinstance(enc.vit.patch_embed, ConvStem)
+    assert ConvStem.widths(8, 128) == [32, 64, 128] and ConvStem.widths(16, 768) == [96, 192, 384, 768]
+    grid = cfg.image_size // cfg.patch_size
+    images = torch.randn(2, 3, SIZE, SIZE)
+    out = enc(images)
+    patch = VisionEncoder(dataclasses.replace(cfg, stem="patch"))(images)
+    assert out.shape == patch.shape == (2, 1 + grid * grid, cfg.width)
+    out.sum().backward()
+    assert all(p.grad is not None for p in enc.vit.patch_embed.parameters())
+    with pytest.raises(ConfigError, match="power of two"):
+        load_config("tiny", ["model.vision.patch_size=6", "model.vision.image_size=48"])
+    with pytest.raises(ConfigError, match="embed_layer"):
+        VisionEncoder(load_config("base", ["model.vision.depth=1", "model.vision.stem=conv"]).model.vision)
+
+
+def test_conv_stem_refuses_weights_with_a_linear_patch_embedding(tmp_path):
+    from x2vlm.config import ConfigError
+
+    cfg = load_config("tiny", ["model.vision.depth=1"]).model.vision
+    plain = VisionEncoder(dataclasses.replace(cfg, stem="patch"))
+    torch.save(plain.vit.state_dict(), tmp_path / "vit.pt")
+    with pytest.raises(ConfigError, match="linear patch embedding"):
+        VisionEncoder(dataclasses.replace(cfg, init_checkpoint=str(tmp_path / "vit.pt")))
+
+
 def saved_bytes(fn) -> int:
     """Bytes of the distinct tensors that autograd keeps for backward while `fn` runs."""
     seen = {}

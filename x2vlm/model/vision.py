@@ -15,7 +15,7 @@ import sys
 import torch
 from torch import nn
 
-from x2vlm.config import VisionConfig
+from x2vlm.config import ConfigError, VisionConfig
 
 
 def load_state_file(path: str) -> dict:
@@ -72,6 +72,45 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.cat([one_axis(rows.flatten(), dim // 2), one_axis(cols.flatten(), dim // 2)], dim=1).float()
 
 
+class ConvStem(nn.Module):
+    """A convolutional stem in place of a ViT's linear patch embedding (`model.vision.stem: conv`): log2(patch)
+    3x3 convolutions of stride 2, each followed by a GroupNorm over the whole feature map (one group: per image,
+    no batch statistics) and GELU, with the channels doubling up to the token width, then a 1x1 convolution to
+    the tokens. The same tokens [N, P, D] on the same patch grid as the patch embedding, but built from
+    overlapping local features: a ViT trained from scratch learns the shapes of objects many times faster with it
+    (as reported for early convolutions in ViTs; docs/experiments.md has the measurement). It takes the keyword
+    arguments timm's ViT gives its `embed_layer`."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 **_timm_options):
+        super().__init__()
+        self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        layers, channels = [], in_chans
+        for width in self.widths(patch_size, embed_dim):
+            layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, width),
+                       nn.GELU()]
+            channels = width
+        layers.append(nn.Conv2d(channels, embed_dim, 1))
+        self.proj = nn.Sequential(*layers)
+
+    @staticmethod
+    def widths(patch_size: int, embed_dim: int) -> list[int]:
+        """Output channels of each stride-2 convolution (log2(patch_size) of them)."""
+        n = patch_size.bit_length() - 1
+        return [max(8, embed_dim >> (n - 1 - i)) for i in range(n)]
+
+    def feat_ratio(self, as_scalar: bool = True):
+        return self.patch_size[0] if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size) -> tuple[int, int]:
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [N, P, D], patches row by row
+
+
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -82,7 +121,15 @@ class VisionEncoder(nn.Module):
         kwargs = dict(pretrained=False, img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width,
                       depth=cfg.depth, num_heads=cfg.heads, drop_path_rate=cfg.drop_path, num_classes=0,
                       global_pool="avg" if cfg.final_norm == "patches" else "")
-        self.vit = timm.create_model(cfg.name, **{**kwargs, **cfg.extra})
+        if cfg.stem == "conv":
+            kwargs["embed_layer"] = ConvStem
+        try:
+            self.vit = timm.create_model(cfg.name, **{**kwargs, **cfg.extra})
+        except TypeError as e:
+            if cfg.stem == "conv" and "embed_layer" in str(e):
+                raise ConfigError(f"model.vision.stem: conv needs a timm ViT that takes an embed_layer; "
+                                  f"{cfg.name} does not") from None
+            raise
         self.prefix = getattr(self.vit, "num_prefix_tokens", 1)
         self.width = cfg.width
         self.patch_norm = cfg.final_norm == "patches"
@@ -109,7 +156,11 @@ class VisionEncoder(nn.Module):
 
     def load_checkpoint(self, path: str) -> tuple[list, list]:
         """Load local weights (nothing is downloaded); prints and returns the missing and unexpected keys."""
-        state = adapt_state_dict(load_state_file(path), self.vit)
+        state = load_state_file(path)
+        if isinstance(self.vit.patch_embed, ConvStem) and "patch_embed.proj.weight" in state:
+            raise ConfigError(f"{path}: weights with a linear patch embedding, but model.vision.stem is conv; "
+                              f"set model.vision.stem: patch to load them")
+        state = adapt_state_dict(state, self.vit)
         missing, unexpected = self.vit.load_state_dict(state, strict=False)
         print(f"[x2vlm] vision weights from {path}: {len(missing)} missing {missing[:8]}, "
               f"{len(unexpected)} unexpected {unexpected[:8]}", flush=True)

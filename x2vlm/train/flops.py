@@ -1,8 +1,8 @@
 """FLOPs of a training step, counted from the configuration and a batch's shapes, and the peak they are held against.
 
-Only matrix products count (linear layers, attention's two batched products, the patch convolution, the ITC
-similarities), two FLOPs per multiply-add, as torch.utils.flop_counter does; normalisation, activations and
-softmax are left out. What a batch of each source kind runs (x2vlm.objectives):
+Only matrix products count (linear layers, attention's two batched products, the patch convolution or the
+convolutional stem's convolutions, the ITC similarities), two FLOPs per multiply-add, as torch.utils.flop_counter
+does; normalisation, activations and softmax are left out. What a batch of each source kind runs (x2vlm.objectives):
 
     pretraining (image, region, video)   vision tower on N images (or N x F frames + temporal aggregator),
                                          text tower twice (the texts, then their MLM-masked copy), ITC,
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from x2vlm.config import ModelConfig
+from x2vlm.model.vision import ConvStem
 
 # Dense bf16 / fp16 tensor-core peaks in TFLOPs (fp32 without TF32: the CUDA cores), by GPU name.
 GPU_PEAK_TFLOPS = (  # (name fragment, {dtype: TFLOPs}); the first fragment found in the device name wins
@@ -95,8 +96,17 @@ class FlopModel:
     def vision(self, out: Flops, frames: int) -> None:
         v = self.cfg.vision
         trainable = not v.frozen
-        patch = linear(frames * self.patches, 3 * v.patch_size ** 2, self.dv)
-        out.add("vision", patch, backward=1.0 if trainable else 0.0)  # images need no gradient
+        if v.stem == "conv":  # stride-2 3x3 convolutions, then a 1x1 one to the tokens
+            side, channels = v.image_size, 3
+            for i, width in enumerate(ConvStem.widths(v.patch_size, self.dv)):
+                side = (side + 1) // 2
+                grad = (1.0 if i == 0 else 2.0) if trainable else 0.0  # the first one's input (images): none
+                out.add("vision", linear(frames * side * side, 9 * channels, width), backward=grad)
+                channels = width
+            out.add("vision", linear(frames * self.patches, channels, self.dv), backward=2.0 if trainable else 0.0)
+        else:
+            patch = linear(frames * self.patches, 3 * v.patch_size ** 2, self.dv)
+            out.add("vision", patch, backward=1.0 if trainable else 0.0)  # images need no gradient
         t, d, n = self.vit_tokens, self.dv, frames * v.depth
         dense = linear(t, d, 3 * d) + linear(t, d, d) + linear(t, d, self.vit_mlp) + linear(t, self.vit_mlp, d)
         last = 0 if self.vit_layer_scale else linear(t, self.vit_mlp, d)
