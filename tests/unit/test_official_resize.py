@@ -162,7 +162,7 @@ def test_an_export_loads_after_it_moved_and_its_backbone_files_are_gone(tmp_path
               add_pooling_layer=False).save_pretrained(init / "bert")
     vocab = {"red": 0, "blue": 1, "two": 2}
     (init / "ans2label.json").write_text(json.dumps(vocab))
-    cfg = load_config("tiny", [f"model.vision.init_checkpoint={init / 'vit.safetensors'}",
+    cfg = load_config("tiny", [f"model.vision.init_checkpoint={init / 'vit.safetensors'}", "model.vision.stem=patch",
                                f"model.text.init_checkpoint={init / 'bert'}", f"model.text.tokenizer={init / 'tok'}",
                                "model.qa_answers=3", f"model.qa_vocab={init / 'ans2label.json'}"])
     model = build_model(cfg, tok).eval()

@@ -21,7 +21,8 @@ class Toy(torch.nn.Module):
 
 
 def test_param_groups_and_schedule():
-    cfg = load_config("tiny", ["train.lr=0.01", "train.warmup_steps=10", "train.steps=110", "train.stages=[]"])
+    cfg = load_config("tiny", ["train.lr=0.01", "train.warmup_steps=10", "train.steps=110", "train.stages=[]",
+                              "train.new_param_lr_scale=2.0"])
     opt, sched = build_optimizer(Toy(), cfg.train)
     by_name = {g["name"]: g for g in opt.param_groups}
     assert set(by_name) == {"loaded", "loaded_nodecay", "new", "new_nodecay"}
