@@ -89,7 +89,8 @@ def main() -> None:
     size = load_config("tiny").model.vision.image_size
     train = regions(generate("train", args.train_images, seed=0, image_size=size), size)
     test = regions(generate("heldout", args.test_images, seed=1, image_size=size), size)
-    chance = max(int((stack(test)[2] == k).sum()) for k in range(len(SHAPES))) / len(stack(test)[2])
+    labels = stack(test)[2]
+    chance = max(int((labels == k).sum()) for k in range(len(SHAPES))) / len(labels)
     results = {}
     for stem in ("patch", "conv"):
         runs = [run(stem, s, train, test, args.steps, args.every) for s in args.seeds]

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from x2vlm.config import ConfigError  # noqa: E402
 from x2vlm.data.pipeline import iterate_samples  # noqa: E402
 from x2vlm.data.transforms import eval_transform  # noqa: E402
 from x2vlm.demo.shapesworld import COLOURS, SHAPES  # noqa: E402
@@ -47,6 +48,8 @@ def caption_probe(model, tokenizer, tokenize, images, captions, words) -> dict:
     cand = word_ids(tokenizer, words)
     ids, atts = tokenize(captions)
     masked = torch.isin(ids, cand)
+    if not masked.any():
+        raise SystemExit(f"error: no held-out caption names one of {list(words)}")
     fused = model.fuse(model.encode_text(ids.masked_fill(masked, tokenizer.mask_token_id), atts),
                        atts, model.encode_image(images))
     pred = model.mlm_head(fused[masked]).float()[:, cand].argmax(1)
@@ -72,6 +75,13 @@ def region_probe(model, tokenizer, tokenize, images, regions) -> dict:
 
 
 def main() -> None:
+    try:
+        probe()
+    except (ConfigError, FileNotFoundError) as e:  # a missing checkpoint or shard, a configuration it refuses
+        raise SystemExit(f"error: {e}") from None
+
+
+def probe() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="run, checkpoint or export folder")
     p.add_argument("shards", nargs="+", help="held-out ShapesWorld image shards (x2vlm demo's heldout-*.tar)")
@@ -88,7 +98,7 @@ def main() -> None:
         image, boxes = eval_transform(s["image"], [r["box"] for r in regs], size)
         regions += [(len(images), list(map(float, b)), r) for b, r in zip(boxes, regs)]
         images.append(image)
-        captions.append(s["json"]["caption"])
+        captions.append(s["json"].get("caption") or "")
     if not regions:
         raise SystemExit("error: no ShapesWorld regions in the shards given")
     images = torch.stack(images)

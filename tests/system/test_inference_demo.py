@@ -175,3 +175,28 @@ def test_embed_videos_from_a_folder_and_from_shards(demo, tmp_path):
     assert np.allclose(feats[:len(files)], m.encode_videos([str(f) for f in files]).numpy(), atol=1e-5)
     from_files = {f.stem: row for f, row in zip(files, feats)}
     assert np.allclose(feats[len(files):], np.stack([from_files[v] for v in test_ids]), atol=1e-5)
+
+
+def test_the_readme_shape_probe_runs_as_written(demo):
+    """`python scripts/probe_shapes.py RUN SHARDS` from the README, on this module's run and held-out shard: it
+    probes every shape of every held-out image (counted here from the shard's own annotations), and a missing
+    shard is one line of error."""
+    from x2vlm.data.pipeline import iterate_samples
+
+    out, paths, _ = demo
+    readme = (ROOT / "README.md").read_text()
+    args = re.search(r"`python (scripts/probe_shapes\.py runs/demo/run runs/demo/data/heldout-000000\.tar)`",
+                     readme.replace("\n", " ")).group(1).split()
+    args = [a.replace("runs/demo/run", str(out / "pre")).replace("runs/demo/data/heldout-000000.tar",
+                                                                    paths["heldout"][0]) for a in args]
+    p = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    shapes = [r["shape"] for s in iterate_samples(paths["heldout"]) for r in s["json"].get("regions") or []]
+    assert result["images"] == 48 and result["regions"]["n"] == len(shapes)
+    assert result["regions"]["majority"] == pytest.approx(max(map(shapes.count, set(shapes))) / len(shapes))
+    assert all(0.0 <= result[part][k]["acc"] <= 1.0 for part, k in (("captions", "shape"), ("captions", "colour")))
+    bad = subprocess.run([sys.executable, args[0], str(out / "pre"), str(out / "missing.tar")],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == ["error: no shard matches " +
+                                                                        repr(str(out / "missing.tar"))]
