@@ -170,7 +170,7 @@ class SourceConfig:
     shards: list[str] = field(default_factory=list)  # tar paths, globs, brace patterns, folders, pipe:/http shards
     batch_size: int = 8  # images (or clips) per rank and step
     weight: float = 1.0  # loss weight of this source in every step
-    max_texts: int = 5  # region sources: texts per image (whole-image caption + regions)
+    max_texts: int = 5  # region sources: texts per image (whole-image caption + regions); video_qa: questions per clip
     with_caption: bool = True  # region sources: the whole-image caption is one of the image's texts
     fps: float = 1.0  # video sources: frames sampled per second of video
     max_frames: int = 8  # video sources: longer clips are subsampled uniformly

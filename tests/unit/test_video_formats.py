@@ -118,6 +118,38 @@ def test_retrieval_shards_feed_batches_with_video_ids_as_instances(tmp_path, vid
     assert batch["videos"].shape[:2] == (2, 2) and batch["frame_mask"].all()
 
 
+def test_qa_batches_bring_up_to_max_texts_questions_of_each_clip(tmp_path, videos):
+    from x2vlm.config import DataConfig, LossConfig, SourceConfig
+    from x2vlm.data.pipeline import build_loader
+    from x2vlm.data.tokenizer import load_tokenizer, train_tokenizer
+
+    questions = {"video1": [f"question {w}" for w in "abcd"], "video2": ["question e"]}
+    answers = {q: f"answer{i}" for i, q in enumerate(sum(questions.values(), []))}
+    ann = tmp_path / "qa.json"
+    ann.write_text(json.dumps([{"video_id": v, "question": q, "answer": answers[q]}
+                               for v, qs in questions.items() for q in qs]))
+    paths = videoqa_to_shards(str(ann), str(videos), str(tmp_path / "out"))
+    label = json.loads((tmp_path / "out" / "ans2label.json").read_text())
+    tok_dir = tmp_path / "tok"
+    train_tokenizer(list(answers) + list(answers.values()), str(tok_dir))
+    tok = load_tokenizer(str(tok_dir))
+    for max_texts, train in ((3, True), (3, False), (10, True)):
+        source = SourceConfig(name="qa", kind="video_qa", shards=paths, batch_size=2, max_frames=2,
+                              max_texts=max_texts)
+        batch = next(iter(build_loader(source, DataConfig(num_workers=0), tok, 32, 16, LossConfig(), seed=0,
+                                       train=train)))
+        clips = [k.split("_")[-1] for k in batch["keys"]]
+        texts = tok.batch_decode(batch["text_ids"], skip_special_tokens=True)
+        got = {v: [t for t, i in zip(texts, batch["image_idx"].tolist()) if clips[i] == v] for v in clips}
+        for v, asked in got.items():  # each clip's own questions, none twice, as many as allowed
+            assert len(asked) == min(max_texts, len(questions[v])) and len(set(asked)) == len(asked)
+            assert set(asked) <= set(questions[v])
+            if not train:
+                assert asked == questions[v][:max_texts]
+        assert batch["answer_labels"].tolist() == [label[answers[t]] for t in texts]
+        assert batch["image_idx"].tolist() == sorted(batch["image_idx"].tolist())  # a clip's questions together
+
+
 def test_published_formats_round_trip_through_the_converters(video_finetuning, tmp_path):
     import tarfile
 

@@ -128,14 +128,21 @@ class VideoBatcher(Batcher):
 
 class VideoQABatcher(Batcher):
     """Decoded clips with questions -> "videos", "frame_mask", the question tokens and "answer_labels" (-1: an
-    answer outside the vocabulary, ignored by the loss). Training draws one question per clip."""
+    answer outside the vocabulary, ignored by the loss). Each clip brings up to `max_texts` of its questions
+    (training draws them at random, without repeats; evaluation takes the first), next to each other: a clip is
+    decoded and encoded once for all of them, and the questions are what the fusion encoder learns from."""
 
     def __call__(self, samples: list, skipped: dict, rng: np.random.Generator, gen: torch.Generator) -> dict:
         videos, frame_mask = pad_clips([frames_to_tensor(s["frames"], self.size) for s in samples])
-        picked = [s["json"]["qa"][int(rng.integers(len(s["json"]["qa"])))] for s in samples]
+        picked, clip_of = [], []
+        for i, s in enumerate(samples):
+            qa = s["json"]["qa"]
+            order = rng.permutation(len(qa))[:self.max_texts] if self.train else range(min(len(qa), self.max_texts))
+            picked += [qa[int(j)] for j in order]
+            clip_of += [i] * len(order)
         enc = tokenize(self.tok, [q["question"] for q in picked], self.max_len)
         return {"videos": videos, "frame_mask": frame_mask, "text_ids": enc["input_ids"],
-                "text_atts": enc["attention_mask"], "image_idx": torch.arange(len(samples)),
+                "text_atts": enc["attention_mask"], "image_idx": torch.tensor(clip_of),
                 "answer_labels": torch.tensor([q["label"] for q in picked]), "skipped": dict(skipped),
                 "keys": [s["key"] for s in samples]}
 
