@@ -145,3 +145,32 @@ def test_mean_model_loads_an_attention_checkpoint():
     randomise_temporal(attention)
     mean.load_state_dict(attention.state_dict())  # the temporal transformer and motion weights are left unused
     assert torch.equal(mean.temporal.frame_embed, attention.temporal.frame_embed)
+
+
+def test_motion_summary_reaches_the_clip_token_only_and_whole_clip_texts_read_it():
+    model = tiny_model("attention").eval()
+    randomise_temporal(model)
+    x = clips()
+    with torch.no_grad():
+        with_motion = model.encode_video(x)
+        motion, model.temporal.motion = model.temporal.motion, None
+        without = model.encode_video(x)
+        model.temporal.motion = motion
+        assert torch.equal(with_motion[:, 1:], without[:, 1:])  # the patch tokens keep what each place shows
+        assert (with_motion[:, 0] - without[:, 0]).abs().max() > 1e-2
+        # a text about the whole clip takes token 0 as its region token; a smaller box the mean of its patches
+        whole, half = [0.0, 0.0, SIZE, SIZE], [0.0, 0.0, SIZE / 2, SIZE]
+        cls, mask = model.regions(with_motion, torch.tensor([whole, half, whole]), torch.tensor([0, 0, 1]))
+    assert torch.equal(cls[0], with_motion[0, 0]) and torch.equal(cls[2], with_motion[1, 0])
+    grid = SIZE // 8
+    left = with_motion[0, 1:].view(grid, grid, -1)[:, : grid // 2].reshape(-1, with_motion.shape[-1])
+    assert torch.allclose(cls[1], left.mean(0), atol=1e-5)
+    assert mask[0].all() and mask[1].sum() == 1 + grid * grid // 2
+
+
+def test_a_whole_image_box_gives_the_same_region_token_as_before_for_images():
+    model = tiny_model("attention").eval()
+    with torch.no_grad():
+        vis = model.encode_image(clips()[:, 0])
+        cls, _ = model.regions(vis, torch.tensor([[0.0, 0.0, SIZE, SIZE]] * 2), torch.tensor([0, 1]))
+    assert torch.allclose(cls, vis[:, 1:].mean(1), atol=1e-6)  # token 0 of an image is the mean of its patches

@@ -11,8 +11,8 @@ Two aggregators (`model.video.aggregator`):
   - a small temporal transformer. At every token position (the mean token and each patch) the F frame tokens,
     with their frame embeddings, attend to each other over time (pre-LN self-attention + MLP,
     `model.video.layers` layers); the outputs are then averaged over time. Its output projections start at zero.
-  - a motion summary added to every token: for each channel, how far its centre of mass over the patch grid
-    moves during the clip, i.e. the first spatial moments (x, y) of the channel's temporal trend (the
+  - a motion summary added to the clip token (token 0): for each channel, how far its centre of mass over the
+    patch grid moves during the clip, i.e. the first spatial moments (x, y) of the channel's temporal trend (the
     least-squares slope over the real frames), layer-normalised and mapped to the token width by a linear map
     without bias that starts at zero and is scaled by `MOTION_GAIN`. Playing a clip backwards negates its motion
     summary; a still clip or a single frame has none.
@@ -20,9 +20,11 @@ Two aggregators (`model.video.aggregator`):
   Why the motion summary: the frame-to-frame change is a small part of a frame token, and telling a direction
   from it takes a comparison across positions (where a shape was early against where it is late), which neither
   the temporal transformer nor the fusion encoder's cross-attention learns in a few hundred fine-tuning steps; a
-  linear read-out of the motion moments does. Added to every token, the summary reaches whatever tokens the fusion
-  encoder attends to, and the clip token that ITC reads. `MOTION_GAIN` makes the zero-started read-out move that
-  many times faster than the rest of the model (docs/experiments.md has the measurements behind its value).
+  linear read-out of the motion moments does. Why on the clip token only: ITC reads it (whole-clip texts take
+  token 0 as their region token) and the fusion encoder attends to it when a question asks about motion, while
+  the patch tokens keep what each place shows. Added to every token, the same vector shifted every
+  cross-attention output and crowded out colours and shapes (docs/experiments.md). `MOTION_GAIN` makes the
+  zero-started read-out move that many times faster than the rest of the model.
 
 Padding frames (clips with fewer frames than the batch's longest) are masked out of the attention, the mean and
 the trend.
@@ -134,5 +136,6 @@ class TemporalAggregator(nn.Module):
         out = (x * w).sum(1) / w.sum(1).clamp(min=1)  # [B, T, D]: the mean over real frames
         if self.motion is not None:
             moments = motion_moments(frames, frame_mask)
-            out = out + MOTION_GAIN * self.motion(F.layer_norm(moments, moments.shape[-1:]).to(x.dtype))[:, None]
+            motion = MOTION_GAIN * self.motion(F.layer_norm(moments, moments.shape[-1:]).to(x.dtype))  # [B, D]
+            out = torch.cat([out[:, :1] + motion[:, None], out[:, 1:]], 1)  # the clip token only
         return out

@@ -163,9 +163,13 @@ class X2VLM(nn.Module):
     def regions(self, vis: torch.Tensor, boxes: torch.Tensor, image_idx: torch.Tensor):
         """Each text's region of its image: boxes [M, 4] pixel (x, y, w, h) on image image_idx [M] of vis
         [N, 1 + P, Dv] -> (region CLS [M, Dv]: the mean of the box's patches; cross-attention mask [M, 1 + P]
-        bool: token 0 and the patches inside the box)."""
+        bool: token 0 and the patches inside the box). A box over the whole grid takes the image's own token 0
+        (for an image the same mean of its patches; for a clip its clip token, which alone carries the motion
+        summary), as held-out retrieval reads it."""
         gbox = grid_boxes(boxes, self.cfg.vision.image_size, self.cfg.vision.patch_size)
         cls = box_pool(vis[:, 1:], gbox, image_idx, self.grid, self.cfg.box_pool_impl)
+        whole = (gbox[:, :2] == 0).all(1) & (gbox[:, 2:] == self.grid).all(1)  # [M]
+        cls = torch.where(whole[:, None], vis[image_idx, 0], cls)
         return cls, patch_mask(gbox, self.grid)
 
     # --- heads ---------------------------------------------------------------------------------------------
