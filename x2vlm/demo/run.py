@@ -29,14 +29,15 @@ from x2vlm.report import write_report
 FINETUNES = {
     "video_retrieval": ("video", {"train.steps": 40, "train.warmup_steps": 10, "train.lr": 2.0e-4,
                                   "train.eval_every": 20}),
-    "video_qa": ("video_qa", {"train.steps": 250, "train.warmup_steps": 15, "train.lr": 1.5e-3,
-                              "model.vision.frozen": True, "train.eval_every": 50}),
+    "video_qa": ("video_qa", {"train.steps": 400, "train.warmup_steps": 15, "train.lr": 1.0e-3,
+                              "model.vision.frozen": True, "train.eval_every": 100}),
 }
 # Held-out evaluation while training, on the first images or clips of the held-out (test) splits: small enough to
 # be cheap. Pre-training evaluates every EVAL_EVERY steps; the fine-tunes as FINETUNES says.
 EVAL_EVERY = 100
 EVAL_LIMIT = {"pretrain": 100, "video_retrieval": 100, "video_qa": 40}
 FINETUNE_BATCH = 16
+QA_QUESTIONS = 8  # questions per clip and step in QA fine-tuning: every question of a ShapesWorld clip (at most 7)
 AGGREGATORS = ("mean", "attention")  # QA is fine-tuned once with each; mean's run is the shorter
 
 
@@ -165,7 +166,8 @@ def finetune_job(outp: Path, name: str, task: str, shards: list, video: SourceCo
     the `test` shards as it trains) is written to OUT/NAME.yaml; it starts from the pre-trained run."""
     kind, task_settings = FINETUNES[task]
     source = SourceConfig(name=name, kind=kind, shards=list(shards), batch_size=FINETUNE_BATCH, fps=video.fps,
-                          max_frames=video.max_frames, min_frames=video.min_frames)
+                          max_frames=video.max_frames, min_frames=video.min_frames,
+                          max_texts=QA_QUESTIONS if kind == "video_qa" else SourceConfig.max_texts)
     cfg = load_config(str(outp / "config.yaml"))
     evaluation = held_out(video, EVAL_LIMIT[task], **{"videos" if task == "video_retrieval" else "videoqa": test})
     cfg = update(cfg, {"train.stages": [], "data.sources": [source], "train.out_dir": str(outp / name),
