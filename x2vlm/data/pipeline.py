@@ -30,6 +30,11 @@ from x2vlm.data.tokenizer import tokenize
 from x2vlm.data.transforms import eval_transform, frames_to_tensor, train_transform
 
 
+def up_to(n: int, k: int, rng: np.random.Generator, train: bool) -> list[int]:
+    """Indices of up to k of n texts: drawn at random without repeats when training, else the first k."""
+    return rng.permutation(n)[:k].tolist() if train else list(range(min(n, k)))
+
+
 class Batcher:
     """Decoded samples -> one batch in the format above."""
 
@@ -56,11 +61,10 @@ class Batcher:
             anchor = int(rng.integers(len(regions))) if regions else None
             tensor, boxes, kept = train_transform(sample["image"], boxes, texts, self.size, rng, self.scale_min,
                                                   self.hflip, anchor)
-            order = rng.permutation(len(kept))[:self.max_texts - use_caption].tolist()
         else:
             tensor, boxes = eval_transform(sample["image"], boxes, self.size)
             kept = list(range(len(regions)))
-            order = list(range(min(len(regions), self.max_texts - use_caption)))
+        order = up_to(len(kept), self.max_texts - use_caption, rng, self.train)
         whole = [0.0, 0.0, float(self.size), float(self.size)]
         items = [(regions[kept[j]]["phrase"], boxes[j], True) for j in order]
         if use_caption:
@@ -137,8 +141,8 @@ class VideoQABatcher(Batcher):
         picked, clip_of = [], []
         for i, s in enumerate(samples):
             qa = s["json"]["qa"]
-            order = rng.permutation(len(qa))[:self.max_texts] if self.train else range(min(len(qa), self.max_texts))
-            picked += [qa[int(j)] for j in order]
+            order = up_to(len(qa), self.max_texts, rng, self.train)
+            picked += [qa[j] for j in order]
             clip_of += [i] * len(order)
         enc = tokenize(self.tok, [q["question"] for q in picked], self.max_len)
         return {"videos": videos, "frame_mask": frame_mask, "text_ids": enc["input_ids"],
