@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import Counter
 from urllib.parse import urlparse
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -11,16 +12,15 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 def train_tokenizer(texts, out_dir: str, vocab_size: int = 1000):
     """A lower-casing WordPiece tokenizer trained on `texts`, saved with save_pretrained to `out_dir` and
-    returned as a transformers fast tokenizer ([PAD] = 0)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    returned as a transformers fast tokenizer ([PAD] = 0). The same texts give the same vocabulary, ids
+    included, in every process (see wordpiece_vocab)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                                                         show_progress=False))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t)))
+    tok = Tokenizer(models.WordPiece(wordpiece_vocab(words, vocab_size), unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
@@ -28,6 +28,36 @@ def train_tokenizer(texts, out_dir: str, vocab_size: int = 1000):
                              cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     fast.save_pretrained(out_dir)
     return fast
+
+
+def wordpiece_vocab(word_counts: dict, vocab_size: int) -> dict:
+    """{token: id} learned from {word: count} as WordPiece trainers do (byte-pair merges over the words spelt
+    as "c", "##c", ...; every merge adds a token): the special tokens, then the characters, then merges of the
+    most frequent adjacent pair until `vocab_size` tokens or no pair is left. Ties go to the pair that sorts
+    first, so the result depends on the counts alone. (The `tokenizers` trainer breaks ties by ids it hands out
+    in hash-map order, and gives the same texts another vocabulary from one process to the next.) Meant for
+    small corpora: each merge recounts every pair."""
+    words = [([w[0]] + ["##" + c for c in w[1:]], n) for w, n in sorted(word_counts.items()) if w]
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for sym in sorted({s for spelt, _ in words for s in spelt}):
+        vocab.setdefault(sym, len(vocab))
+    while len(vocab) < vocab_size:
+        pairs: Counter = Counter()
+        for spelt, n in words:
+            for pair in zip(spelt, spelt[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        a, b = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merged = a + b[2:]
+        vocab.setdefault(merged, len(vocab))
+        for spelt, _ in words:
+            i = 0
+            while i < len(spelt) - 1:
+                if spelt[i] == a and spelt[i + 1] == b:
+                    spelt[i:i + 2] = [merged]
+                i += 1
+    return vocab
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
